@@ -1,0 +1,177 @@
+"""The main job: model + recipe + data -> compressed model, shipped artifact, benchmark, report.
+
+Everything that can be wrong with the input (paths, recipe, data) is checked before any pass
+runs or any file is written; after that a failing pass is a PassFailure (exit 3) and a missed
+gate is a report whose ``gates_passed`` is False (exit 1, outputs written).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelpress.compressors import benchmark, data as data_io
+from modelpress.compressors.errors import InputError
+from modelpress.compressors.model import check_output_path, load_model, normalize, save_model, to_bytes, write_atomic
+from modelpress.compressors.pipeline import PassContext, run_encode, run_passes
+from modelpress.compressors.recipe import BenchmarkSettings, Gates, Recipe, load_recipe
+from modelpress.compressors.report import Report, Side, evaluate_gates
+
+# Calibration needs a sample of the data, not all of it: enough for stable ranges and Hessians.
+MAX_CALIBRATION_SAMPLES = 512
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompressRequest:
+    model: Path
+    recipe: str
+    output: Path
+    data: Path | None = None
+    eval_data: Path | None = None
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    force: bool = False
+    gate_overrides: dict[str, float] = field(default_factory=dict)
+    bench_overrides: dict[str, int] = field(default_factory=dict)
+    seed: int | None = None
+    benchmark: bool = True
+
+
+def with_overrides(recipe: Recipe, gates: dict[str, float], bench: dict[str, int]) -> Recipe:
+    """Flags override the recipe's gates and benchmark settings, validated by the same models."""
+    from dataclasses import replace
+
+    from pydantic import ValidationError
+
+    try:
+        new_gates = Gates.model_validate({**recipe.gates.model_dump(), **gates})
+        new_bench = BenchmarkSettings.model_validate({**recipe.benchmark.model_dump(), **bench})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    return replace(recipe, gates=new_gates, benchmark=new_bench)
+
+
+def packed_path(output: Path) -> Path:
+    return output.with_suffix(".mpk")
+
+
+def load_datasets(model_path: Path, request: CompressRequest, seed: int):
+    """(calibration, evaluation) datasets; evaluation is the calibration data unless --eval-data."""
+    inputs = data_io.model_inputs(model_path)
+    if request.data is not None:
+        calibration = data_io.load_data(request.data, inputs)
+    else:
+        calibration = data_io.synthesize(inputs, request.shapes, seed=seed)
+    evaluation = data_io.load_data(request.eval_data, inputs) if request.eval_data else calibration
+    return calibration, evaluation
+
+
+def compress(request: CompressRequest, progress: Progress | None = None) -> Report:
+    progress = progress or (lambda description, completed, total: None)
+    check_output_path(request.model, request.output, request.force)
+    recipe = with_overrides(load_recipe(request.recipe), request.gate_overrides, request.bench_overrides)
+    seed = recipe.seed if request.seed is None else request.seed
+    model = load_model(request.model)
+    quirks = normalize(model)
+    calibration, evaluation = load_datasets(request.model, request, seed)
+    passes, encoder = recipe.build(
+        PassContext(
+            calibration=calibration.feeds[: max(1, _feeds_for(calibration))],
+            seed=seed,
+            threads=recipe.benchmark.threads,
+            progress=progress,
+        )
+    )
+    packed = packed_path(request.output)
+    if encoder is not None and packed.exists() and not request.force:
+        raise InputError(f"{packed}: already exists; pass --force to replace it")
+
+    model, records = run_passes(model, passes, on_start=lambda p: progress(f"{p.stage}: {p.name}", 0, 1))
+    onnx_bytes = to_bytes(model)
+    packed_bytes = None
+    if encoder is not None:
+        progress(f"encode: {encoder.name}", 0, 1)
+        packed_bytes, record = run_encode(onnx_bytes, encoder, [r.name for r in records])
+        records.append(record)
+
+    write_atomic(onnx_bytes, request.output) if len(onnx_bytes) < 2**31 - 1 else save_model(model, request.output)
+    if packed_bytes is not None:
+        write_atomic(packed_bytes, packed)
+
+    original_size = model_size(request.model)
+    settings = recipe.benchmark
+    if request.benchmark:
+        before, after = benchmark.compare(request.model, request.output, evaluation, settings, progress=progress)
+    else:
+        before = after = None
+    original = _side(before, original_size)
+    compressed = _side(after, len(onnx_bytes))
+    compressed.shipped_size_bytes = len(packed_bytes) if packed_bytes is not None else len(onnx_bytes)
+    notes = list(quirks)
+    if evaluation.labels is None:
+        notes.append("no labels in the data: accuracy is reported as fidelity to the original model")
+    if request.data is None:
+        notes.append("no --data: inputs were synthesized from the model signature; accuracy is not measured")
+    elif request.eval_data is None:
+        notes.append("the same data calibrated and evaluated (pass --eval-data for a held-out measurement)")
+    return Report(
+        model=str(request.model),
+        recipe=recipe.source,
+        artifacts={"onnx": str(request.output), "packed": str(packed) if packed_bytes is not None else None},
+        original=original,
+        compressed=compressed,
+        passes=[
+            {"stage": r.stage, "name": r.name, "seconds": round(r.seconds, 4), "modified": r.modified, "stats": r.stats}
+            for r in records
+        ],
+        gates=evaluate_gates(recipe.gates, original, compressed),
+        environment=benchmark.environment(settings.threads),
+        data={
+            "calibration": calibration.source,
+            "evaluation": evaluation.source,
+            "samples": evaluation.samples,
+            "labels": evaluation.labels is not None,
+        },
+        notes=notes,
+    )
+
+
+def _feeds_for(dataset) -> int:
+    """How many feeds hold about MAX_CALIBRATION_SAMPLES samples."""
+    per_feed = max(1, dataset.samples // max(1, len(dataset.feeds)))
+    return -(-MAX_CALIBRATION_SAMPLES // per_feed)
+
+
+def model_size(path: Path) -> int:
+    """File size plus any external data files it references (those beside it)."""
+    import onnx
+
+    size = os.path.getsize(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return size
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return size + sum(os.path.getsize(path.parent / loc) for loc in locations if (path.parent / loc).is_file())
+
+
+def _side(measurement, size: int) -> Side:
+    if measurement is None:
+        return Side(size_bytes=size, latency_ms=None, metrics={})
+    latency = measurement.latency
+    return Side(
+        size_bytes=size,
+        latency_ms=None if latency is None else {"p50": latency.p50, "p90": latency.p90, "p99": latency.p99, "mean": latency.mean},
+        metrics=dict(measurement.metrics),
+        throughput=None if latency is None else latency.throughput,
+        peak_memory_mb=measurement.peak_memory_mb,
+    )

@@ -1,0 +1,30 @@
+"""The one table of passes: recipe ``type`` name -> pass class, grouped by stage.
+
+Add a pass by writing its file under prune/, quantize/ or encode/ and adding one line here.
+"""
+
+from __future__ import annotations
+
+from modelpress.compressors.encode.entropy import EntropyEncode
+from modelpress.compressors.pipeline import EncodePass, Pass, Stage
+from modelpress.compressors.prune.magnitude import MagnitudePrune
+from modelpress.compressors.quantize.int8 import Int8Quantize
+
+_TABLE: list[type[Pass] | type[EncodePass]] = [
+    MagnitudePrune,
+    Int8Quantize,
+    EntropyEncode,
+]
+
+
+def _build(table: list) -> dict[Stage, dict[str, type]]:
+    by_stage: dict[Stage, dict[str, type]] = {"prune": {}, "quantize": {}, "encode": {}}
+    for cls in table:
+        names = by_stage[cls.stage]
+        if cls.name in names:
+            raise RuntimeError(f"two passes are registered as {cls.stage}/{cls.name}")
+        names[cls.name] = cls
+    return by_stage
+
+
+PASSES: dict[Stage, dict[str, type]] = _build(_TABLE)
