@@ -26,8 +26,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-recipes_app = typer.Typer(help="List and show the shipped recipes.", invoke_without_command=True, no_args_is_help=False)
-recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
+recipes_app = typer.Typer(
+    help="List and show the shipped recipes.\n\nExample: `modelpress recipes` then `modelpress recipes show int8`",
+    invoke_without_command=True, no_args_is_help=False,
+)
+recipe_app = typer.Typer(help="Work with recipe files.\n\nExample: `modelpress recipe check my.yaml`", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(recipe_app, name="recipe")
 
@@ -40,25 +43,25 @@ def handle_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from modelpress.compressors.errors import InputError, ModelpressError, PassFailure
+        from modelpress.compressors.errors import InputError, ModelpressError
 
         verbose = kwargs.get("verbose", False)
         try:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
-        except InputError as exc:
-            code, message = EXIT_INPUT, str(exc)
-        except PassFailure as exc:
-            code, message = EXIT_PASS, str(exc)
-        except ModelpressError as exc:
-            code, message = EXIT_PASS, str(exc)
-        except KeyboardInterrupt:
-            code, message = 130, "interrupted"
-        except Exception as exc:  # a bug of ours: still one line unless --verbose
-            code, message = EXIT_PASS, f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)"
+        except Exception as exc:  # noqa: BLE001 — every failure ends in one message and a code
+            failure: BaseException = exc
+            if isinstance(exc, InputError):
+                code, message = EXIT_INPUT, str(exc)
+            elif isinstance(exc, ModelpressError):  # PassFailure and compressed-model faults
+                code, message = EXIT_PASS, str(exc)
+            else:  # a bug of ours: still one line unless --verbose
+                code, message = EXIT_PASS, f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)"
+        except KeyboardInterrupt as exc:
+            failure, code, message = exc, 130, "interrupted"
         if verbose:
-            traceback.print_exc()
+            traceback.print_exception(failure)
         render.error(message)
         raise typer.Exit(code)
 
@@ -141,9 +144,10 @@ def _check_report_paths(model: Path, *paths: Optional[Path]) -> None:
 
 def _write_reports(report, report_json: Optional[Path], report_md: Optional[Path]) -> None:
     from modelpress.compressors.model import write_atomic
+    from modelpress.compressors.report import dumps
 
     if report_json is not None:
-        write_atomic((json.dumps(report.to_json(), indent=2) + "\n").encode(), report_json)
+        write_atomic(dumps(report.to_json()).encode(), report_json)
     if report_md is not None:
         write_atomic(render.report_markdown(report).encode(), report_md)
 
@@ -178,7 +182,9 @@ def bench(
         measurement = benchmark.measure(model, dataset, settings)
     result = render.bench_result(model, dataset, measurement, benchmark.environment(threads))
     if json_out is not None:
-        write_atomic((json.dumps(result, indent=2) + "\n").encode(), json_out)
+        from modelpress.compressors.report import dumps
+
+        write_atomic(dumps(result).encode(), json_out)
 
 
 @app.command(no_args_is_help=True)
@@ -200,7 +206,10 @@ def inspect(
     if path.suffix == ".mpk":
         from modelpress.compressors.encode.mpk import describe
 
-        summary = describe(path.read_bytes())
+        try:
+            summary = describe(path.read_bytes())
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         summary["artifact"] = str(path)
         render.artifact_summary(summary, json_out)
         return
@@ -270,7 +279,10 @@ def decode(
     if not artifact.is_file():
         raise InputError(f"{artifact}: no such artifact file")
     check_output_path(artifact, output, force)
-    onnx_bytes = unpack(artifact.read_bytes())
+    try:
+        onnx_bytes = unpack(artifact.read_bytes())
+    except InputError as exc:
+        raise InputError(f"{artifact}: {exc}") from None
     write_atomic(onnx_bytes, output)
     render.decoded(artifact, output, len(onnx_bytes))
 

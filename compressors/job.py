@@ -75,12 +75,25 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     check_output_path(request.model, request.output, request.force)
     recipe = with_overrides(load_recipe(request.recipe), request.gate_overrides, request.bench_overrides)
     seed = recipe.seed if request.seed is None else request.seed
+    if request.data is None and recipe.needs_calibration:
+        from modelpress.compressors.registry import PASSES
+
+        needing = [f"{p.stage}/{p.name}" for p in recipe.passes if PASSES[p.stage][p.name].needs_calibration]
+        raise InputError(
+            f"{recipe.source}: {', '.join(needing)} calibrate on real inputs; pass --data with samples of them "
+            "(random inputs would calibrate to the wrong ranges)"
+        )
     model = load_model(request.model)
     quirks = normalize(model)
     calibration, evaluation = load_datasets(request.model, request, seed)
+    benchmark.preflight(request.model, evaluation)
+    calibration_feeds = calibration.feeds[: max(1, _feeds_for(calibration))]
+    calibration_samples = sum(calibration.feed_samples[: len(calibration_feeds)])
     passes, encoder = recipe.build(
         PassContext(
-            calibration=calibration.feeds[: max(1, _feeds_for(calibration))],
+            calibration=calibration_feeds,
+            labels=None if calibration.labels is None else calibration.labels[:calibration_samples],
+            original=to_bytes(model) if recipe.needs_original else None,
             seed=seed,
             threads=recipe.benchmark.threads,
             progress=progress,

@@ -37,6 +37,10 @@ class PassContext:
     """What a pass may use besides the model: calibration feeds, a seed, a progress hook."""
 
     calibration: list[Feed] | None = None
+    # Labels of the calibration samples (concatenated over feeds) when the data has them.
+    labels: np.ndarray | None = None
+    # The input model, serialized: the teacher for recovery and the reference for fidelity checks.
+    original: bytes | None = None
     seed: int = 0
     threads: int = 2
     # progress(description, completed, total): passes report long loops through this.
@@ -58,6 +62,8 @@ class Pass(ABC):
     config_cls: ClassVar[type[PassConfig]]
     summary: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    # True when the pass reads ``context.original`` (the input model), e.g. as a teacher.
+    needs_original: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig, context: PassContext | None = None):
         self.config = config

@@ -71,6 +71,12 @@ class Recipe:
         return graph_passes, encoder
 
     @property
+    def needs_original(self) -> bool:
+        from modelpress.compressors.registry import PASSES
+
+        return any(getattr(PASSES[s.stage][s.name], "needs_original", False) for s in self.passes)
+
+    @property
     def needs_calibration(self) -> bool:
         from modelpress.compressors.registry import PASSES
 

@@ -4,6 +4,7 @@ and which gates held. ``to_json`` produces the ``modelpress.report/1`` contract 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,7 +56,7 @@ class Report:
                 out.pop("shipped_size_bytes")
             return out
 
-        return {
+        return _finite({
             "schema": SCHEMA,
             "model": self.model,
             "recipe": self.recipe,
@@ -67,7 +68,18 @@ class Report:
             "environment": self.environment,
             "data": self.data,
             "notes": self.notes,
-        }
+        })
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (e.g. a model that outputs NaN) become null so the JSON stays strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def evaluate_gates(gates: Gates, original: Side, compressed: Side) -> list[GateResult]:
@@ -99,3 +111,17 @@ def evaluate_gates(gates: Gates, original: Side, compressed: Side) -> list[GateR
         else:
             results.append(GateResult("max_latency_ratio", gates.max_latency_ratio, None, False, "latency not measured"))
     return results
+
+
+def dumps(document: dict[str, Any]) -> str:
+    """Strict JSON: numpy scalars/arrays from pass stats become plain numbers/lists."""
+    import json
+
+    def plain(obj: Any) -> Any:
+        if hasattr(obj, "tolist"):
+            return _finite(obj.tolist())
+        if hasattr(obj, "item"):
+            return _finite(obj.item())
+        return str(obj)
+
+    return json.dumps(_finite(document), indent=2, default=plain, allow_nan=False) + "\n"

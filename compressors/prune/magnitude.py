@@ -8,24 +8,20 @@ tensors below ``min_elements`` are left alone, and the stats say which and why.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.compressors.model import weight_inputs
-from modelpress.compressors.pipeline import Pass, PassConfig, PassResult
+from modelpress.compressors.pipeline import Pass, PassResult
+from modelpress.compressors.selection import WeightFilterConfig, select_weights
 from modelpress.kernels.sparsity import global_threshold, magnitude_mask, threshold_mask
 
 
-class MagnitudeConfig(PassConfig):
+class MagnitudeConfig(WeightFilterConfig):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights set to zero")
     scope: Literal["layer", "global"] = "layer"
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    min_elements: int = Field(1024, ge=1, description="smaller tensors are left dense")
     op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose"], ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
@@ -37,17 +33,7 @@ class MagnitudePrune(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         config: MagnitudeConfig = self.config
-        candidates, skipped = [], []
-        for value, reason in weight_inputs(model, set(config.op_types)):
-            name = value.name or "?"
-            if reason is None and not _selected(name, config.include, config.exclude):
-                reason = "excluded by include/exclude globs"
-            if reason is None and value.const_value.size < config.min_elements:
-                reason = f"fewer than min_elements={config.min_elements} elements"
-            if reason is None:
-                candidates.append(value)
-            else:
-                skipped.append({"tensor": name, "reason": reason})
+        candidates, skipped = select_weights(model, set(config.op_types), config)
 
         if config.scope == "global" and candidates:
             threshold = global_threshold([np.abs(v.const_value.numpy()) for v in candidates], config.sparsity)
@@ -72,9 +58,3 @@ class MagnitudePrune(Pass):
             "skipped": skipped,
         }
         return PassResult(model, modified=bool(pruned), stats=stats)
-
-
-def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in include) and not any(
-        fnmatch.fnmatchcase(name, g) for g in exclude
-    )

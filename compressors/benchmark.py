@@ -1,0 +1,484 @@
+"""Measure models with ONNX Runtime on CPU: size, latency, peak memory, accuracy and fidelity.
+
+before: model bytes or paths (the original, maybe a compressed one) and a ``Dataset``.
+after:  a ``ModelMeasurement`` per model. ``compare`` times the two models interleaved, run by
+run, so that their latency ratio holds on a noisy shared machine, and measures the compressed
+model's outputs against the original's over the whole dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from modelpress.compressors.data import Dataset, Feed
+from modelpress.compressors.errors import InputError, ModelpressError
+
+ModelSource = bytes | str | os.PathLike
+Progress = Callable[[str, int, int], None]
+
+# CPU features that decide which kernels ONNX Runtime can use (int8 dot products above all).
+RELEVANT_ISA = (
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",  # x86
+    "asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2",  # Arm
+)
+
+
+class BenchSettingsLike(Protocol):
+    threads: int
+    warmup: int
+    runs: int
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Defaults of the recipe's ``benchmark:`` block; any object with these attributes will do."""
+
+    threads: int = 2
+    warmup: int = 5
+    runs: int = 50
+
+
+@dataclass
+class Latency:
+    """Milliseconds per ``session.run`` of the latency feed, and samples per second at the mean."""
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    throughput: float
+
+
+@dataclass
+class ModelMeasurement:
+    size_bytes: int
+    latency: Latency | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Options for repeatable timing: ``threads`` intra-op threads, one inter-op thread,
+    sequential execution, warnings silenced."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+def make_session(model: ModelSource, threads: int) -> ort.InferenceSession:
+    """A CPU-only session with ``session_options``; InputError naming the model if ORT rejects it."""
+    options = session_options(threads)
+    source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"{_name(model)}: onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
+
+
+def model_bytes(model: ModelSource) -> int:
+    """Size of the ONNX file (or bytes); external data files are not counted here."""
+    if isinstance(model, (bytes, bytearray)):
+        return len(model)
+    return Path(model).stat().st_size
+
+
+def _name(model: ModelSource) -> str:
+    return "the model" if isinstance(model, (bytes, bytearray)) else str(model)
+
+
+def _output_index(session: ort.InferenceSession, output: int | str) -> int:
+    names = [o.name for o in session.get_outputs()]
+    if isinstance(output, str):
+        if output not in names:
+            raise InputError(f"the model has no output {output!r}; its outputs: {', '.join(names)}")
+        return names.index(output)
+    if not -len(names) <= output < len(names):
+        raise InputError(f"output index {output} is out of range; the model has {len(names)} output(s): {', '.join(names)}")
+    return output % len(names)
+
+
+def _run(session: ort.InferenceSession, feed: Feed, index: int, where: str) -> np.ndarray:
+    outputs = session.run(None, feed)
+    result = outputs[index]
+    if not isinstance(result, np.ndarray):
+        name = session.get_outputs()[index].name
+        raise InputError(f"{where}: output {name!r} is a {type(result).__name__}, not a tensor; choose a tensor output")
+    return result
+
+
+def run_outputs(session: ort.InferenceSession, dataset: Dataset, output: int | str = 0) -> list[np.ndarray]:
+    """One output (the first by default) for each feed, in feed order. Not concatenated: feeds of
+    a folder may differ beyond the first axis; ``np.concatenate`` them where they agree."""
+    index = _output_index(session, output)
+    return [_run(session, feed, index, f"{dataset.source} feed {i}") for i, feed in enumerate(dataset.feeds)]
+
+
+# --------------------------------------------------------------------------- peak memory
+#
+# Method: the process's resident set (VmRSS) before the session is created, then the peak resident
+# set (VmHWM) after creating it and running the first feed; the peak is reset first by writing "5" to
+# /proc/self/clear_refs (Linux >= 4.0). Limits: it is process-wide (anything else the process
+# allocates meanwhile counts); memory freed earlier and reused by the allocator does not show as
+# growth; pages of a memory-mapped model count only once touched. When the reset is not allowed and
+# no new peak was set, it falls back to the growth of VmRSS, a lower bound. None off Linux.
+
+
+def _status_kb() -> dict[str, int] | None:
+    try:
+        with open("/proc/self/status") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    values = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values if len(values) == 2 else None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _PeakMemory:
+    def __enter__(self) -> _PeakMemory:
+        self.before = _status_kb()
+        self.reset = self.before is not None and _reset_peak()
+        self.mb: float | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        after = _status_kb()
+        if self.before is None or after is None:
+            return
+        grown = after["VmRSS"] - self.before["VmRSS"]
+        if self.reset or after["VmHWM"] > self.before["VmHWM"]:
+            grown = max(grown, after["VmHWM"] - self.before["VmRSS"])
+        self.mb = max(0, grown) / 1024
+
+
+_runtime_ready = False
+
+
+def _initialize_runtime() -> None:
+    """Create one trivial session so that ONNX Runtime's one-time, process-wide setup (about
+    10 MB) is not charged to whichever model happens to be measured first."""
+    global _runtime_ready
+    if _runtime_ready:
+        return
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "warm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    make_session(proto.SerializeToString(), 1).run(None, {"x": np.zeros(1, np.float32)})
+    _runtime_ready = True
+
+
+def _open_and_run(model: ModelSource, dataset: Dataset, threads: int, output: int | str):
+    """A session and the memory it took to create it and run the first feed."""
+    _initialize_runtime()
+    with _PeakMemory() as memory:
+        session = make_session(model, threads)
+        _run(session, dataset.feeds[0], _output_index(session, output), f"{dataset.source} feed 0")
+    return session, memory.mb
+
+
+@contextlib.contextmanager
+def _blame_data(model: ModelSource, where: str) -> Iterator[None]:
+    """The original model failing on the data: the data does not fit it (exit 2)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{_name(model)} fails on {where}: {str(exc).strip()[:500]}") from None
+
+
+@contextlib.contextmanager
+def _blame_compressed(model: ModelSource, where: str) -> Iterator[None]:
+    """The compressed model failing where the original ran: a compression fault (exit 3)."""
+    try:
+        yield
+    except Exception as exc:
+        raise ModelpressError(f"the compressed model {_name(model)} fails on {where}: {str(exc).strip()[:500]}") from None
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _percentiles(times_ns: list[int], samples: int) -> Latency:
+    ms = np.asarray(times_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    mean = float(ms.mean())
+    return Latency(float(p50), float(p90), float(p99), mean, samples / (mean / 1e3) if mean > 0 else float("inf"))
+
+
+def _time_interleaved(sessions: list[ort.InferenceSession], feed: Feed, samples: int, settings, progress: Progress) -> list[Latency]:
+    """Warm each session up, then time each once per run, rotating which goes first, so that a
+    noisy neighbour or a frequency change hits every model alike."""
+    for _ in range(settings.warmup):
+        for session in sessions:
+            session.run(None, feed)
+    times: list[list[int]] = [[] for _ in sessions]
+    for run in range(settings.runs):
+        shift = run % len(sessions)
+        for k in range(len(sessions)):
+            which = (k + shift) % len(sessions)
+            started = time.perf_counter_ns()
+            sessions[which].run(None, feed)
+            times[which].append(time.perf_counter_ns() - started)
+        progress("latency", run + 1, settings.runs)
+    return [_percentiles(t, samples) for t in times]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _predictions(output: np.ndarray) -> np.ndarray | None:
+    """Class predictions: argmax over the last axis of float scores of rank >= 2; integer or bool
+    outputs already are predictions. None for float outputs of rank < 2 (a score per sample)."""
+    if output.dtype.kind in "biu":
+        return output
+    if output.ndim >= 2:
+        return output.argmax(axis=-1)
+    return None
+
+
+def _rows(output: np.ndarray) -> np.ndarray:
+    """Per-sample rows: the first axis is the sample; rank < 2 outputs are one row."""
+    array = output.astype(np.float64, copy=False)
+    return array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
+
+
+class _Accuracy:
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.offsets = np.concatenate([[0], np.cumsum(dataset.feed_samples)]).astype(int)
+        self.correct = self.total = 0
+
+    def add(self, i: int, output: np.ndarray, output_name: str) -> None:
+        labels = self.dataset.labels[self.offsets[i] : self.offsets[i + 1]]
+        predicted = _predictions(output)
+        if predicted is not None and predicted.shape != labels.shape and predicted.size == labels.size:
+            predicted = predicted.reshape(labels.shape)  # e.g. labels [N, 1] against predictions [N]
+        if predicted is None or predicted.shape != labels.shape:
+            got = f"float scores of shape {list(output.shape)}" if predicted is None else (
+                f"predictions of shape {list(predicted.shape)} (argmax over the last axis of {list(output.shape)})"
+            )
+            raise InputError(
+                f"{self.dataset.source}: feed {i} has labels of shape {list(labels.shape)} but the model's output "
+                f"{output_name!r} gives {got}; accuracy needs one label per prediction"
+            )
+        self.correct += int(np.count_nonzero(predicted == labels))
+        self.total += labels.size
+
+    def value(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+class _Fidelity:
+    """The compressed model's first output against the original's, accumulated feed by feed."""
+
+    def __init__(self):
+        self.cosines: list[np.ndarray] = []
+        self.agree = self.compared = 0
+        self.abs_sum = 0.0
+        self.abs_max = 0.0
+        self.elements = 0
+        self.argmax_measurable = True
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, where: str) -> None:
+        if reference.shape != candidate.shape:
+            raise ModelpressError(
+                f"{where}: the compressed model's output has shape {list(candidate.shape)}, "
+                f"the original's {list(reference.shape)}"
+            )
+        a, b = _rows(reference), _rows(candidate)
+        dot = np.einsum("ij,ij->i", a, b)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cosine = np.where(both_zero, 1.0, np.where(norms > 0, dot / np.where(norms > 0, norms, 1), 0.0))
+        self.cosines.append(cosine)
+        diff = np.abs(a - b)
+        if diff.size:
+            self.abs_sum += float(diff.sum())
+            self.abs_max = max(self.abs_max, float(diff.max()))
+            self.elements += diff.size
+        ref_pred, cand_pred = _predictions(reference), _predictions(candidate)
+        if ref_pred is None:
+            self.argmax_measurable = False
+        else:
+            self.agree += int(np.count_nonzero(ref_pred == cand_pred))
+            self.compared += ref_pred.size
+
+    def values(self) -> dict[str, float]:
+        cosines = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        metrics = {}
+        if self.argmax_measurable and self.compared:
+            metrics["agreement"] = self.agree / self.compared
+        metrics["cosine"] = float(cosines.mean()) if cosines.size else float("nan")
+        metrics["max_abs_error"] = self.abs_max
+        metrics["mean_abs_error"] = self.abs_sum / self.elements if self.elements else 0.0
+        return metrics
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def measure(
+    model: ModelSource,
+    dataset: Dataset,
+    settings: BenchSettingsLike = BenchSettings(),
+    progress: Progress | None = None,
+    output: int | str = 0,
+) -> ModelMeasurement:
+    """``modelpress bench``: size, batch-1 latency, peak memory and, with labels, accuracy."""
+    original, _ = compare(model, None, dataset, settings, progress, output)
+    return original
+
+
+def compare(
+    original: ModelSource,
+    compressed: ModelSource | None,
+    dataset: Dataset,
+    settings: BenchSettingsLike = BenchSettings(),
+    progress: Progress | None = None,
+    output: int | str = 0,
+) -> tuple[ModelMeasurement, ModelMeasurement | None]:
+    """Measure the original and (if given) the compressed model on the same data.
+
+    Latency: the latency feed (one sample when the batch axis is dynamic) run ``warmup`` times on
+    each model, then ``runs`` times each, interleaved. Metrics over every feed, on ``output`` (the
+    first output by default): ``accuracy`` for each model when the dataset has labels; for the
+    compressed model against the original ``agreement`` (argmax over the last axis, or equality
+    of integer outputs), ``cosine`` (mean over samples of the cosine of flattened per-sample
+    outputs, the first axis being the sample), ``max_abs_error`` and ``mean_abs_error``.
+
+    A failure of the original on the data is an InputError; of the compressed model, a
+    ModelpressError.
+    """
+    progress = progress or (lambda description, completed, total: None)
+    if not dataset.feeds:
+        raise InputError(f"{dataset.source}: the dataset holds no feeds")
+    progress("loading models", 0, 1)
+    with _blame_data(original, f"{dataset.source} feed 0"):
+        reference, reference_mb = _open_and_run(original, dataset, settings.threads, output)
+    candidate = candidate_mb = None
+    if compressed is not None:
+        with _blame_compressed(compressed, "its first run"):
+            candidate, candidate_mb = _open_and_run(compressed, dataset, settings.threads, output)
+    progress("loading models", 1, 1)
+
+    index = _output_index(reference, output)
+    output_name = reference.get_outputs()[index].name
+    accuracy = [_Accuracy(dataset) for _ in range(2)] if dataset.labels is not None else None
+    fidelity = _Fidelity()
+    for i, feed in enumerate(dataset.feeds):
+        where = f"{dataset.source} feed {i}"
+        with _blame_data(original, where):
+            ref_out = _run(reference, feed, index, where)
+        if accuracy:
+            accuracy[0].add(i, ref_out, output_name)
+        if candidate is not None:
+            with _blame_compressed(compressed, where):
+                cand_out = _run(candidate, feed, index, where)
+            if accuracy:
+                accuracy[1].add(i, cand_out, output_name)
+            fidelity.add(ref_out, cand_out, where)
+        progress("evaluating", i + 1, len(dataset.feeds))
+
+    feed, samples = dataset.latency_feed()
+    sessions = [reference] if candidate is None else [reference, candidate]
+    latencies = _time_interleaved(sessions, feed, samples, settings, progress) if settings.runs > 0 else [None, None]
+
+    before = ModelMeasurement(model_bytes(original), latencies[0], {}, reference_mb)
+    if accuracy:
+        before.metrics["accuracy"] = accuracy[0].value()
+    if candidate is None:
+        return before, None
+    after = ModelMeasurement(model_bytes(compressed), latencies[1], {}, candidate_mb)
+    if accuracy:
+        after.metrics["accuracy"] = accuracy[1].value()
+    after.metrics.update(fidelity.values())
+    return before, after
+
+
+def preflight(original: ModelSource, dataset: Dataset, threads: int = 1, output: int | str = 0) -> None:
+    """Run the original on the first feed and check the labels fit its output, so data problems
+    are InputErrors before any pass runs or any file is written."""
+    with _blame_data(original, f"{dataset.source} feed 0"):
+        session = make_session(original, threads)
+    index = _output_index(session, output)
+    where = f"{dataset.source} feed 0"
+    with _blame_data(original, where):
+        first = _run(session, dataset.feeds[0], index, where)
+    if dataset.labels is not None:
+        _Accuracy(dataset).add(0, first, session.get_outputs()[index].name)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the numbers depend on: runtime versions, CPU model and features, threads."""
+    import onnx
+
+    cpu, flags = _cpuinfo()
+    return {
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "isa": [flag for flag in RELEVANT_ISA if flag in flags],
+        "threads": threads,
+        "platform": sys.platform,
+    }
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if not name and key in ("model name", "Hardware", "Model", "cpu model"):
+                    name = value
+                elif not flags and key in ("flags", "Features"):
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine() or "unknown", flags

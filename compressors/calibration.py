@@ -1,0 +1,288 @@
+"""Calibration capture: statistics of the inputs of chosen layers, accumulated feed by feed.
+
+before: a model, the names of values in its main graph (the inputs of MatMul/Gemm layers), the
+calibration feeds, and one ``Reduction`` per value (``Gram`` for X^T X, ``ColumnNorms`` for Wanda).
+after:  each reduction has seen that value on every feed; the model is untouched.
+
+How: a copy of the model proto whose graph outputs are the requested values, cut down to the nodes
+they depend on, runs in onnxruntime once per feed; each captured array is folded into its reduction
+and dropped, so activations are never all held at once. Values are captured ``values_per_run`` at a
+time to bound the memory of one run. Values inside If/Loop/Scan bodies cannot be graph outputs:
+``linear_layers`` reports the layers that read them as not capturable, and callers fall back to a
+data-free criterion.
+
+``linear_layers`` also says, for each prunable weight, which value feeds it and in which layout the
+weight is stored — the facts a layer-wise solver (SparseGPT, Wanda, GPTQ) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+Feed = dict[str, np.ndarray]
+
+
+class Reduction(Protocol):
+    def update(self, batch: np.ndarray) -> None:
+        """Fold one captured array (one feed's value) into the statistic."""
+
+
+def _rows(batch: np.ndarray, transposed: bool) -> np.ndarray:
+    """A MatMul input [..., K] (or a Gemm ``transA=1`` input [K, M]) as rows [n, K] of float32."""
+    x = np.asarray(batch)
+    if transposed:
+        x = x.T
+    return x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+
+
+@dataclass
+class Gram:
+    """``H = X^T X / rows`` of a layer input: the Hessian of the layer-wise output error.
+
+    Rows are buffered until there are at least ``flush_rows`` (or K) of them, so many small feeds
+    (one sentence each) cost one large float32 product instead of many K×K float64 additions.
+    """
+
+    transposed: bool = False
+    flush_rows: int = 2048
+    total: np.ndarray | None = None
+    rows: int = 0
+    _pending: list = field(default_factory=list, repr=False)
+    _pending_rows: int = 0
+
+    def update(self, batch: np.ndarray) -> None:
+        x = _rows(batch, self.transposed)
+        self._pending.append(x)
+        self._pending_rows += x.shape[0]
+        self.rows += x.shape[0]
+        if self._pending_rows >= max(self.flush_rows, x.shape[1]):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        product = (x.T @ x).astype(np.float64)  # float32 BLAS product, float64 running sum
+        self.total = product if self.total is None else self.total + product
+
+    @property
+    def hessian(self) -> np.ndarray:
+        self._flush()
+        return self.total / max(1, self.rows)
+
+
+@dataclass
+class ColumnNorms:
+    """``||X_j||₂`` per input feature j over all rows: the activation term of Wanda's score."""
+
+    transposed: bool = False
+    squares: np.ndarray | None = None
+    rows: int = 0
+
+    def update(self, batch: np.ndarray) -> None:
+        x = _rows(batch, self.transposed).astype(np.float64)
+        sums = np.einsum("ij,ij->j", x, x)
+        self.squares = sums if self.squares is None else self.squares + sums
+        self.rows += x.shape[0]
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.sqrt(self.squares)
+
+
+def capture(
+    model: ir.Model,
+    requests: Sequence[tuple[str, Reduction]],
+    feeds: Sequence[Feed],
+    *,
+    values_per_run: int = 8,
+    threads: int = 2,
+    progress: Callable[[str, int, int], None] = lambda description, completed, total: None,
+) -> None:
+    """Run ``feeds`` through ``model`` and fold each requested value into its reductions.
+
+    ``requests`` pairs a main-graph value name with a reduction; a name may appear several times.
+    Graph inputs are read straight from the feeds. Raises ValueError for a name that is not a value
+    of the main graph.
+    """
+    import onnxruntime as ort
+
+    by_name: dict[str, list[Reduction]] = {}
+    for name, reduction in requests:
+        by_name.setdefault(name, []).append(reduction)
+    graph_inputs = {v.name for v in model.graph.inputs}
+    produced = {out.name for node in model.graph for out in node.outputs}
+    unknown = [n for n in by_name if n not in graph_inputs and n not in produced]
+    if unknown:
+        raise ValueError(f"not values of the main graph, cannot capture: {unknown}")
+
+    for feed in feeds:
+        for name in by_name.keys() & graph_inputs:
+            for reduction in by_name[name]:
+                reduction.update(feed[name])
+    inner = [n for n in by_name if n not in graph_inputs]
+    if not inner:
+        return
+    base = ir.to_proto(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    chunks = [inner[i : i + values_per_run] for i in range(0, len(inner), values_per_run)]
+    for index, chunk in enumerate(chunks):
+        progress("capturing calibration activations", index, len(chunks))
+        session = ort.InferenceSession(
+            _exposing(base, chunk).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        needed = {i.name for i in session.get_inputs()}
+        for feed in feeds:
+            arrays = session.run(chunk, {k: v for k, v in feed.items() if k in needed})
+            for name, array in zip(chunk, arrays):
+                for reduction in by_name[name]:
+                    reduction.update(array)
+            del arrays
+        del session
+
+
+def _exposing(base: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``base`` whose only outputs are ``names``, keeping just the nodes they depend on."""
+    needed = set(names)
+    kept = []
+    for node in reversed(base.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_subgraph_references(node))
+    graph = onnx.GraphProto(name=base.graph.name)
+    graph.input.extend(base.graph.input)  # unused inputs stay so every feed is still accepted
+    # An output with a name only (no type) is accepted by onnxruntime, whatever the value's dtype.
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    graph.node.extend(reversed(kept))
+    graph.initializer.extend(t for t in base.graph.initializer if t.name in needed)
+    graph.sparse_initializer.extend(t for t in base.graph.sparse_initializer if t.values.name in needed)
+    graph.value_info.extend(v for v in base.graph.value_info if v.name in needed)
+    model = onnx.ModelProto(ir_version=base.ir_version, graph=graph)
+    model.opset_import.extend(base.opset_import)
+    model.functions.extend(base.functions)
+    return model
+
+
+def _subgraph_references(node: onnx.NodeProto) -> Iterable[str]:
+    """Every name read inside a node's subgraphs (a superset of the outer values they capture)."""
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                yield from (i for i in inner.input if i)
+                yield from _subgraph_references(inner)
+
+
+# --------------------------------------------------------------------------- layers
+
+# Which axis of each op's weight runs over the layer's inputs (N:M groups run along it).
+def weight_input_axis(node: ir.Node, rank: int) -> int | None:
+    if node.op_type == "MatMul":
+        return rank - 2 if rank >= 2 else None
+    if node.op_type == "Gemm":
+        return 1 if _attr(node, "transB") else 0
+    if node.op_type == "Conv":
+        return 1  # [C_out, C_in/groups, k...]
+    if node.op_type == "ConvTranspose":
+        return 0  # [C_in, C_out/groups, k...]
+    return None
+
+
+@dataclass
+class LinearLayer:
+    """A weight every use of which is a 2-D MatMul/Gemm in the main graph with a capturable input."""
+
+    weight: ir.Value
+    layout: str  # "in_out" ([in, out]) or "out_in" ([out, in]); see kernels/hessian.py
+    inputs: list[tuple[str, bool]]  # (value name, transposed as in Gemm transA=1), one per use
+    order: int  # position of the first use in the main graph
+    in_axis: int = field(init=False)
+
+    def __post_init__(self):
+        self.in_axis = 0 if self.layout == "in_out" else 1
+
+
+def linear_layers(
+    model: ir.Model, weights: Iterable[ir.Value]
+) -> tuple[list[LinearLayer], list[tuple[ir.Value, str]]]:
+    """Split ``weights`` into solvable layers (sorted in graph order) and (weight, reason) for the rest."""
+    position = {id(node): i for i, node in enumerate(model.graph)}
+    layers, rest = [], []
+    for value in weights:
+        uses = list(value.uses())
+        reason, layouts, inputs = None, set(), []
+        for use in uses:
+            node = use.node
+            if node.graph is not model.graph:
+                reason = "used inside an If/Loop/Scan subgraph, whose values cannot be captured"
+            elif node.op_type in ("Conv", "ConvTranspose"):
+                reason = f"{node.op_type}: no calibration solver for convolutions yet (im2col not implemented)"
+            elif node.op_type == "MatMul" and len(value.const_value.shape) != 2:
+                reason = f"MatMul weight of rank {len(value.const_value.shape)} (batched), not a 2-D layer"
+            elif node.op_type not in ("MatMul", "Gemm"):
+                reason = f"{node.op_type} is not a linear layer"
+            else:
+                source = node.inputs[0]
+                if source is None or not source.name:
+                    reason = f"{node.op_type} {node.name!r} has an unnamed input"
+                elif source.const_value is not None or source.is_initializer():
+                    reason = f"{node.op_type} {node.name!r} multiplies two constants"
+                else:
+                    transb = node.op_type == "Gemm" and bool(_attr(node, "transB"))
+                    layouts.add("out_in" if transb else "in_out")
+                    transa = node.op_type == "Gemm" and bool(_attr(node, "transA"))
+                    inputs.append((source.name, transa))
+            if reason:
+                break
+        if reason is None and len(layouts) > 1:
+            reason = "shared by layers that store it in different layouts (Gemm transB)"
+        if reason is None and not uses:
+            reason = "not used by any node"
+        if reason:
+            rest.append((value, reason))
+        else:
+            order = min(position[id(u.node)] for u in uses)
+            layers.append(LinearLayer(value, layouts.pop(), inputs, order))
+    layers.sort(key=lambda layer: layer.order)
+    return layers, rest
+
+
+def plan_rounds(layers: Sequence[LinearLayer], rounds: int | str) -> list[list[LinearLayer]]:
+    """Group layers (already in graph order) into capture rounds.
+
+    ``"sequential"``: one round per distinct layer input, as in SparseGPT — each round's activations
+    come from the model with every earlier round already pruned, so later layers correct for the
+    error upstream. An integer k: k contiguous rounds of about equal size (1 = every statistic from
+    the original model in one run: fastest, slightly less accurate). Layers that read the same value
+    (Q, K, V) always share a round.
+    """
+    groups: list[list[LinearLayer]] = []
+    seen: dict[tuple, int] = {}
+    for layer in layers:
+        key = tuple(sorted(layer.inputs))
+        if key in seen:
+            groups[seen[key]].append(layer)
+        else:
+            seen[key] = len(groups)
+            groups.append([layer])
+    count = len(groups) if rounds == "sequential" else max(1, min(int(rounds), len(groups)))
+    if not groups:
+        return []
+    bounds = np.linspace(0, len(groups), count + 1).round().astype(int)
+    return [[layer for g in groups[a:b] for layer in g] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _attr(node: ir.Node, name: str, default=0):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value

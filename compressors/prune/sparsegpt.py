@@ -1,0 +1,191 @@
+"""SparseGPT one-shot pruning: calibrated, with Hessian-based updates of the surviving weights.
+
+before: float MatMul / Gemm weight matrices and calibration feeds (``--data``).
+after:  the same tensors at the target sparsity (or exactly N:M along the input dimension), the
+remaining weights updated so each layer's output on the calibration data changes least
+(``||XW - XW'||²``, SparseGPT, Frantar & Alistarh 2023). Layers are solved in graph order, each
+round's inputs captured from the model with the earlier rounds already pruned (``rounds``).
+Weights the solver cannot reach — inside If/Loop bodies, Conv kernels, shared in two layouts — are
+pruned by magnitude instead (listed under ``fallback`` with the reason); the rest that is left dense
+is listed under ``skipped``. ``output_error`` per tensor is ``||X(W - W')||² / ||XW||²``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field, model_validator
+
+from modelpress.compressors.calibration import (
+    Gram,
+    LinearLayer,
+    Reduction,
+    capture,
+    linear_layers,
+    plan_rounds,
+    weight_input_axis,
+)
+from modelpress.compressors.pipeline import Pass, PassResult
+from modelpress.compressors.selection import WeightFilterConfig, select_weights
+from modelpress.kernels.hessian import reconstruction_error, sparsegpt_prune
+from modelpress.kernels.sparsity import magnitude_mask, nm_mask
+
+PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}  # at most N nonzeros in every M consecutive inputs
+
+
+class LayerwiseConfig(WeightFilterConfig):
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights set to zero (unstructured)")
+    pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+    # "sequential": each layer input captured after everything before it is pruned (as in the paper);
+    # k: k capture runs in all (1 = every statistic from the original model, fastest).
+    rounds: Literal["sequential"] | Annotated[int, Field(ge=1)] = "sequential"
+
+    @model_validator(mode="after")
+    def _pattern_fixes_sparsity(self):
+        if self.pattern != "unstructured" and "sparsity" in self.model_fields_set:
+            n, m = PATTERNS[self.pattern]
+            if abs(self.sparsity - (m - n) / m) > 1e-9:
+                raise ValueError(
+                    f"pattern {self.pattern} fixes the sparsity at {(m - n) / m:g}; remove `sparsity`"
+                )
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return PATTERNS.get(self.pattern)
+
+    @property
+    def target(self) -> float:
+        return (self.nm[1] - self.nm[0]) / self.nm[1] if self.nm else self.sparsity
+
+
+class LayerwisePrune(Pass):
+    """Shared loop of calibrated layer-wise pruning: select, capture in rounds, solve, fall back."""
+
+    stage = "prune"
+    needs_calibration = True
+
+    @abstractmethod
+    def reduction(self, transposed: bool) -> Reduction:
+        """The statistic of a layer input the solver needs."""
+
+    @abstractmethod
+    def solve(self, layer: LinearLayer, weights: np.ndarray, stats: list[Reduction]) -> tuple[np.ndarray, dict]:
+        """New weights (same shape and dtype) and per-tensor figures for the stats."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        config: LayerwiseConfig = self.config
+        feeds = self.context.calibration
+        if not feeds:
+            raise ValueError(
+                f"the {self.name} pass needs calibration data: run with --data (an .npz of model inputs)"
+            )
+        candidates, skipped = select_weights(model, {"MatMul", "Gemm", "Conv", "ConvTranspose"}, config)
+        layers, rest = linear_layers(model, candidates)
+        if config.nm:
+            m = config.nm[1]
+            fits = [layer for layer in layers if layer.weight.const_value.shape[layer.in_axis] % m == 0]
+            rest += [(layer.weight, f"input dimension is not a multiple of {m}") for layer in layers if layer not in fits]
+            layers = fits
+
+        counts: dict[str, tuple[int, int]] = {}  # tensor -> (zeros, size)
+        figures: dict[str, dict] = {}
+        rows = 0
+        rounds = plan_rounds(layers, config.rounds)
+        done = 0
+        for group in rounds:
+            # One statistic per distinct input: Q, K and V read the same value.
+            shared = {key: self.reduction(key[1]) for layer in group for key in layer.inputs}
+            capture(model, [(name, r) for (name, _), r in shared.items()], feeds,
+                    threads=self.context.threads, progress=self.context.progress)
+            for layer in group:
+                self.context.progress(f"{self.name} pruning", done, len(layers))
+                stats = [shared[key] for key in layer.inputs]
+                weights = layer.weight.const_value.numpy()
+                new, extra = self.solve(layer, weights, stats)
+                _store(layer.weight, new, counts)
+                figures[layer.weight.name] = extra
+                rows = max(rows, max(s.rows for s in stats))
+                done += 1
+
+        fallback = []
+        for value, reason in rest:
+            new = _magnitude_fallback(value, config)
+            if new is None:
+                skipped.append({"tensor": value.name, "reason": f"{reason}; no N:M fallback for this layout"})
+                continue
+            _store(value, new, counts)
+            fallback.append({"tensor": value.name, "reason": f"{reason}: pruned by magnitude instead"})
+
+        total = sum(size for _, size in counts.values())
+        zeros = sum(z for z, _ in counts.values())
+        stats: dict[str, Any] = {
+            "tensors_pruned": len(counts),
+            "sparsity": round(zeros / total, 4) if total else 0.0,
+            "pattern": config.pattern,
+            "rounds": len(rounds),
+            "calibration_rows": rows,
+            "per_tensor": {n: round(z / size, 4) for n, (z, size) in counts.items()},
+            **_collect(figures),
+            "fallback": fallback,
+            "skipped": skipped,
+        }
+        return PassResult(model, modified=bool(counts), stats=stats)
+
+
+class SparseGPTConfig(LayerwiseConfig):
+    blocksize: int = Field(128, ge=1, description="inputs per mask-selection block")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="Hessian damping, a fraction of its mean diagonal")
+
+
+class SparseGPTPrune(LayerwisePrune):
+    name = "sparsegpt"
+    config_cls = SparseGPTConfig
+    summary = "one-shot pruning with Hessian-based weight updates from calibration data (SparseGPT)"
+
+    def reduction(self, transposed: bool) -> Reduction:
+        return Gram(transposed)
+
+    def solve(self, layer, weights, stats):
+        config: SparseGPTConfig = self.config
+        hessian = sum(s.hessian for s in stats)  # a shared weight serves every use at once
+        n, m = config.nm or (0, 0)
+        new = sparsegpt_prune(
+            weights, hessian, layout=layer.layout, sparsity=config.sparsity, prunen=m - n, prunem=m,
+            blocksize=config.blocksize, percdamp=config.damp,
+        )
+        error = reconstruction_error(weights, new, hessian, layout=layer.layout)
+        return new, {"output_error": round(error, 6)}
+
+
+def _collect(figures: dict[str, dict]) -> dict[str, Any]:
+    """Per-tensor figures as {key: {tensor: value}}, plus the mean of each."""
+    keys = sorted({k for f in figures.values() for k in f})
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = {t: f[key] for t, f in figures.items() if key in f}
+        out[f"mean_{key}"] = round(float(np.mean(list(values.values()))), 6)
+        out[key] = values
+    return out
+
+
+def _store(value: ir.Value, new: np.ndarray, counts: dict[str, tuple[int, int]]) -> None:
+    value.const_value = ir.Tensor(np.ascontiguousarray(new), name=value.name)
+    counts[value.name] = (int(new.size - np.count_nonzero(new)), int(new.size))
+
+
+def _magnitude_fallback(value: ir.Value, config: LayerwiseConfig) -> np.ndarray | None:
+    weights = value.const_value.numpy()
+    if config.nm is None:
+        keep = magnitude_mask(weights, config.sparsity)
+    else:
+        n, m = config.nm
+        axes = {weight_input_axis(u.node, weights.ndim) for u in value.uses()}
+        axis = axes.pop() if len(axes) == 1 else None
+        if axis is None or weights.shape[axis] % m:
+            return None
+        keep = nm_mask(np.abs(weights.astype(np.float32)), n, m, axis=axis)
+    return np.where(keep, weights, np.zeros((), weights.dtype)).astype(weights.dtype)

@@ -1,0 +1,40 @@
+"""Wanda pruning: magnitude weighted by the activations it multiplies, from calibration data.
+
+before: float MatMul / Gemm weight matrices and calibration feeds (``--data``).
+after:  in every output the weights with the lowest ``|w_ij| · ||x_j||₂`` are set to exactly 0 — the
+``sparsity`` fraction of each output's inputs, or N:M along the input dimension — and the survivors
+are left as they were (Wanda, Sun et al. 2023: no weight update, so it is cheaper than SparseGPT and
+needs only per-feature norms, not a Hessian). Rounds, fallbacks and stats as for ``sparsegpt``.
+
+L1 and L2 criteria are not separate passes: for single weights both rank by ``|w|``, which is the
+``magnitude`` pass; they differ only for structured (row / channel) pruning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelpress.compressors.calibration import ColumnNorms, Reduction
+from modelpress.compressors.prune.sparsegpt import LayerwiseConfig, LayerwisePrune
+from modelpress.kernels.hessian import wanda_mask
+
+
+class WandaConfig(LayerwiseConfig):
+    pass
+
+
+class WandaPrune(LayerwisePrune):
+    name = "wanda"
+    config_cls = WandaConfig
+    summary = "prune by |weight| x input activation norm from calibration data (Wanda)"
+
+    def reduction(self, transposed: bool) -> Reduction:
+        return ColumnNorms(transposed)
+
+    def solve(self, layer, weights, stats):
+        config: WandaConfig = self.config
+        # A shared weight sees the rows of every use: squared norms add up.
+        norms = np.sqrt(sum(s.norms**2 for s in stats))
+        n, m = config.nm or (0, 0)
+        keep = wanda_mask(weights, norms, layout=layer.layout, sparsity=config.sparsity, n=n, m=m)
+        return np.where(keep, weights, np.zeros((), weights.dtype)), {}

@@ -1,0 +1,277 @@
+"""k-means weight sharing (Deep Compression, Han et al. 2016).
+
+before: float weight initializers of MatMul / Gemm / Conv / ConvTranspose and Gather embedding tables,
+in the main graph or in If/Loop/Scan subgraphs, possibly pruned (exact zeros).
+after:  each such weight ``W`` becomes two initializers — ``W_kmeans_idx`` (uint8, or packed uint4 when
+bits <= 4) and ``W_kmeans_codebook`` (2^bits values, one codebook per channel group) — plus the
+lookup ``Cast(idx -> int32) [-> Add(group offsets)] -> Gather(codebook)``, whose output takes the
+name ``W`` and feeds the original consumers. Pruned zeros keep a dedicated, exact 0.0 entry (index 0).
+
+Why this lookup: stock onnxruntime constant-folds the all-initializer Cast -> Gather chain when the
+session is created, so inference runs the same fp32 kernels as the original (measured: equal latency;
+session creation a few ms longer). A DequantizeLinear-based lookup is never folded — ORT keeps DQ
+nodes for its QDQ fusions — and ran ~25x slower on a 1024x1024 MatMul. Cast from UINT4 needs
+opset 21; the pass upgrades the model with ONNX's version converter when bits <= 4, and falls back
+to uint8 (noted in the stats) when that upgrade fails. ``index_dtype: uint8`` keeps the opset.
+After an upgrade ``PassResult.model`` is a new object (the converter rebuilds the model): use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field, model_validator
+
+from modelpress.compressors.errors import InputError
+from modelpress.compressors.model import (
+    EXTERNAL_DATA_THRESHOLD,
+    ensure_opset,
+    iter_graphs,
+    iter_weights,
+    opset_version,
+    weight_inputs,
+)
+from modelpress.compressors.pipeline import Pass, PassResult
+from modelpress.compressors.selection import WeightFilterConfig, select_weights
+from modelpress.kernels.kmeans import kmeans_1d
+
+# UINT4 tensors and Cast-21 need IR version 10 and opset 21.
+UINT4_OPSET = 21
+UINT4_IR_VERSION = 10
+
+OpType = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"]
+
+
+class KMeansConfig(WeightFilterConfig):
+    bits: int = Field(5, ge=2, le=8, description="codebook of 2^bits shared values per tensor (or group)")
+    init: Literal["linear", "density"] = "linear"
+    iterations: int = Field(1000, ge=0, le=100_000, description="upper bound; Lloyd stops when stable")
+    keep_zero: bool = True
+    per_channel_groups: int = Field(1, ge=1, le=4096, description="codebooks per tensor, over output channels")
+    index_dtype: Literal["auto", "uint8", "uint4"] = "auto"
+    # A codebook costs 2^bits floats, so tiny tensors gain little; small classifier heads still do.
+    min_elements: int = Field(256, ge=1, description="smaller tensors are left as they are")
+    op_types: tuple[OpType, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+
+    @model_validator(mode="after")
+    def _uint4_fits(self):
+        if self.index_dtype == "uint4" and self.bits > 4:
+            raise ValueError(f"index_dtype uint4 holds at most 4 bits, but bits is {self.bits}")
+        return self
+
+
+class KMeansQuantize(Pass):
+    name = "kmeans"
+    stage = "quantize"
+    config_cls = KMeansConfig
+    summary = "k-means weight sharing: 2^b-entry codebooks + uint8/uint4 indices (Deep Compression)"
+
+    def call(self, model: ir.Model) -> PassResult:
+        config: KMeansConfig = self.config
+        notes: list[str] = []
+        candidates, skipped = self._select(model)
+
+        use_uint4 = config.index_dtype == "uint4" or (config.index_dtype == "auto" and config.bits <= 4)
+        if candidates and use_uint4 and opset_version(model) < UINT4_OPSET:
+            model, use_uint4 = self._upgrade_for_uint4(model, notes)
+            if use_uint4:
+                candidates, skipped = self._select(model)  # the upgrade rebuilt the model
+        if candidates and use_uint4:
+            model.ir_version = max(model.ir_version or 0, UINT4_IR_VERSION)
+
+        taken = _all_names(model)
+        lookups: dict[int, tuple[ir.Graph, list[ir.Node]]] = {}
+        per_tensor: dict[str, dict[str, Any]] = {}
+        bytes_before = bytes_after = 0
+        for index, value in enumerate(candidates):
+            self.context.progress("k-means clustering", index, len(candidates))
+            graph = value.graph
+            nodes, info = self._share(graph, value, use_uint4, taken, notes)
+            lookups.setdefault(id(graph), (graph, []))[1].extend(nodes)
+            per_tensor[info.pop("tensor")] = info
+            bytes_before += info["bytes_before"]
+            bytes_after += info["bytes_after"]
+        for graph, nodes in lookups.values():
+            # Lookups read only initializers, so the front of the owning graph is always a valid place.
+            if len(graph):
+                graph.insert_before(graph[0], nodes)
+            else:
+                graph.extend(nodes)
+
+        stats = {
+            "tensors_clustered": len(per_tensor),
+            "bits": config.bits,
+            "index_dtype": ("uint4" if use_uint4 else "uint8") if per_tensor else None,
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "size_ratio": round(bytes_before / bytes_after, 3) if bytes_after else None,
+            "per_tensor": per_tensor,
+            "skipped": skipped,
+            "notes": notes,
+        }
+        return PassResult(model, modified=bool(per_tensor), stats=stats)
+
+    def _upgrade_for_uint4(self, model: ir.Model, notes: list[str]) -> tuple[ir.Model, bool]:
+        """Upgrade to opset 21 for uint4 indices; under ``auto`` a failure falls back to uint8."""
+        forced = self.config.index_dtype == "uint4"
+        before = opset_version(model)
+        if sum(v.const_value.nbytes for _, v in iter_weights(model)) > EXTERNAL_DATA_THRESHOLD:
+            # The version converter needs the whole model as one in-memory protobuf.
+            reason = f"the model is too large to upgrade from opset {before} in memory"
+            if forced:
+                raise InputError(f"uint4 indices need opset {UINT4_OPSET}, but {reason}; "
+                                 f"export it at opset {UINT4_OPSET} or use index_dtype: uint8")
+            notes.append(f"kept uint8 indices: {reason}")
+            return model, False
+        try:
+            upgraded = ensure_opset(model, UINT4_OPSET)
+        except InputError as exc:
+            if forced:
+                raise
+            notes.append(f"kept uint8 indices: {exc}")
+            return model, False
+        notes.append(f"opset upgraded {before} -> {UINT4_OPSET} for uint4 indices")
+        return upgraded, True
+
+    def _select(self, model: ir.Model) -> tuple[list[ir.Value], list[dict[str, str]]]:
+        return select_weights(model, set(self.config.op_types), self.config)
+
+    def _share(
+        self, graph: ir.Graph, value: ir.Value, use_uint4: bool, taken: set[str], notes: list[str]
+    ) -> tuple[list[ir.Node], dict[str, Any]]:
+        """Cluster one weight, swap its initializer for indices + codebook, return the lookup nodes."""
+        config: KMeansConfig = self.config
+        name = value.name
+        weights = value.const_value.numpy()
+        k = 1 << config.bits
+
+        axis = _channel_axis(value)
+        groups = config.per_channel_groups
+        if groups > 1 and axis is None:
+            notes.append(f"{name}: one codebook (its consumers disagree on the channel axis)")
+            groups = 1
+        groups = min(groups, weights.shape[axis]) if groups > 1 else 1
+
+        codebook, indices = self._cluster(weights, groups, axis)
+        codebook = codebook.astype(weights.dtype)  # fp16/bf16 weights keep their dtype
+        restored = codebook[indices.astype(np.int64) + _group_offsets(weights.shape, groups, axis, k)]
+        mse = float(np.mean((restored.astype(np.float64) - weights.astype(np.float64)) ** 2))
+
+        if use_uint4:
+            import ml_dtypes  # an onnx-ir dependency: numpy's dtype for packed 4-bit values
+
+            index_tensor = ir.Tensor(indices.astype(ml_dtypes.uint4), name=_fresh(f"{name}_kmeans_idx", taken))
+        else:
+            index_tensor = ir.Tensor(indices, name=_fresh(f"{name}_kmeans_idx", taken))
+        codebook_tensor = ir.Tensor(codebook, name=_fresh(f"{name}_kmeans_codebook", taken))
+        index_value = _initializer(graph, index_tensor)
+        codebook_value = _initializer(graph, codebook_tensor)
+
+        # int32 is enough for any index and is folded away with the rest of the chain.
+        cast = ir.node("Cast", [index_value], {"to": ir.DataType.INT32}, name=f"{name}/kmeans_cast")
+        # The int32 intermediates get no type/shape: onnx-ir would write a value_info for each, and
+        # on small models those bytes show in the shipped size. ORT folds them away regardless.
+        cast.outputs[0].name = _fresh(f"{name}_kmeans_idx32", taken)
+        nodes = [cast]
+        flat_index = cast.outputs[0]
+        extra_bytes = 0
+        if groups > 1:
+            offsets = _group_offsets(weights.shape, groups, axis, k).astype(np.int32)
+            offsets_value = _initializer(graph, ir.Tensor(offsets, name=_fresh(f"{name}_kmeans_offsets", taken)))
+            add = ir.node("Add", [flat_index, offsets_value], name=f"{name}/kmeans_group_offsets")
+            add.outputs[0].name = _fresh(f"{name}_kmeans_idx_grouped", taken)
+            nodes.append(add)
+            flat_index = add.outputs[0]
+            extra_bytes = offsets.nbytes
+        gather = ir.node("Gather", [codebook_value, flat_index], {"axis": 0}, name=f"{name}/kmeans_lookup")
+        nodes.append(gather)
+        looked_up = gather.outputs[0]
+        looked_up.type = value.type or ir.TensorType(value.const_value.dtype)
+        looked_up.shape = ir.Shape(weights.shape)
+
+        value.replace_all_uses_with(looked_up)
+        graph.initializers.pop(name)
+        looked_up.name = name  # consumers keep reading a value named like the original weight
+
+        info = {
+            "tensor": name,
+            "groups": groups,
+            "mse": mse,
+            "zeros_kept": int(weights.size - np.count_nonzero(weights)) if config.keep_zero else 0,
+            "bytes_before": int(weights.nbytes),
+            "bytes_after": int(index_tensor.nbytes + codebook_tensor.nbytes + extra_bytes),
+        }
+        return nodes, info
+
+    def _cluster(self, weights: np.ndarray, groups: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """One codebook per group of output channels; codebooks are concatenated, indices are local."""
+        config: KMeansConfig = self.config
+        run = lambda w: kmeans_1d(w, config.bits, config.init, config.iterations, config.keep_zero)  # noqa: E731
+        if groups == 1:
+            return run(weights)
+        channels = weights.shape[axis]
+        moved = np.moveaxis(weights, axis, 0)
+        indices = np.empty(moved.shape, np.uint8)
+        books = []
+        bounds = np.arange(groups + 1) * channels // groups
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            book, indices[start:stop] = run(moved[start:stop])
+            books.append(book)
+        return np.concatenate(books), np.moveaxis(indices, 0, axis)
+
+
+def _channel_axis(value: ir.Value) -> int | None:
+    """The output-channel axis of a weight, agreed by all its consumers (None if they disagree)."""
+    rank = len(value.shape)
+    axes = set()
+    for use in value.uses():
+        op = use.node.op_type
+        if op == "MatMul":
+            axes.add(rank - 1)
+        elif op == "Gemm":
+            trans_b = use.node.attributes.get("transB")
+            axes.add(0 if trans_b is not None and trans_b.as_int() else 1)
+        elif op == "ConvTranspose":
+            axes.add(1)
+        else:  # Conv: [out, in, ...]; Gather: one row per token
+            axes.add(0)
+    return axes.pop() if len(axes) == 1 else None
+
+
+def _group_offsets(shape: tuple[int, ...], groups: int, axis: int | None, k: int) -> np.ndarray:
+    """Per-channel start of its group's codebook, shaped to broadcast against the indices."""
+    if groups == 1:
+        return np.zeros((1,) * len(shape), np.int64)
+    channels = shape[axis]
+    bounds = np.arange(groups + 1) * channels // groups
+    group_of = np.searchsorted(bounds, np.arange(channels), side="right") - 1
+    view = [1] * len(shape)
+    view[axis] = channels
+    return (group_of * k).reshape(view)
+
+
+def _initializer(graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:
+    value = ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    """Every value name in the model, subgraphs included: new names must not shadow any of them."""
+    names: set[str] = set()
+    for graph in iter_graphs(model):
+        names.update(v.name for v in graph.inputs if v.name)
+        names.update(graph.initializers)
+        for node in graph:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name

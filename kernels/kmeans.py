@@ -1,0 +1,115 @@
+"""Exact 1-D k-means (Lloyd) for weight sharing, numpy only.
+
+before: any float array (a weight tensor), a bit width b.
+after:  a codebook of 2^b float32 centroids and a uint8 index per value (same shape), so that
+``codebook[indices]`` is the clustered tensor.
+
+Why it is fast: in one dimension the clusters of Lloyd's algorithm are contiguous runs of the sorted
+values, split at the midpoints between neighbouring centroids. So the values are sorted once
+(O(n log n)) and prefix sums of them are kept; each iteration then finds the k-1 split points with
+``np.searchsorted`` and gets every cluster's sum and count from the prefix sums — O(k log n) per
+iteration, independent of n. The final assignment is one ``searchsorted`` of the values into the
+midpoints. Ten million values take about a second, dominated by the one sort.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Init = Literal["linear", "density"]
+
+
+def kmeans_1d(
+    values: np.ndarray,
+    bits: int,
+    init: Init = "linear",
+    iterations: int = 1000,
+    keep_zero: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster ``values`` into at most ``2**bits`` shared values; return ``(codebook, indices)``.
+
+    - ``codebook``: float32 of exactly ``2**bits`` entries. Entries no value is assigned to (when
+      the data has fewer distinct values than centroids) repeat a used one, so the codebook is
+      always full size.
+    - ``indices``: uint8, the shape of ``values``; ``codebook[indices]`` is the clustered array.
+    - ``keep_zero``: when the array holds zeros (pruned weights) they get entry 0, which is exactly
+      0.0 and never moves, and only the nonzeros are clustered into the other ``2**bits - 1``
+      entries — so pruning survives clustering and index 0 marks exactly the pruned positions.
+    - ``init``: ``linear`` spaces the initial centroids evenly over [min, max] (keeps the rare large
+      weights representable; Deep Compression found it the most accurate); ``density`` spaces
+      them evenly over the CDF (more centroids where the weights are dense).
+    - ``iterations``: an upper bound; Lloyd stops early once no split point moves.
+
+    Deterministic: no random numbers, and ties between two centroids go to the lower one.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8 for uint8 indices, got {bits}")
+    if init not in ("linear", "density"):
+        raise ValueError(f"init must be 'linear' or 'density', got {init!r}")
+    k = 1 << bits
+    flat = np.asarray(values).ravel()
+    if flat.size and not np.isfinite(flat).all():
+        raise ValueError("values contain NaN or infinity; k-means needs finite weights")
+    flat = flat.astype(np.float32, copy=False)
+
+    nonzero = flat != 0 if keep_zero else None
+    zero_slot = nonzero is not None and flat.size > 0 and not nonzero.all()  # any exact zeros?
+    clustered = flat[nonzero] if zero_slot else flat
+    free = k - 1 if zero_slot else k
+
+    centroids = _lloyd(np.sort(clustered), free, init, iterations)
+    # Assign against the float32 centroids actually stored, so each index is the nearest entry.
+    centroids = centroids.astype(np.float32)
+    indices = np.zeros(flat.size, dtype=np.uint8)
+    if centroids.size:
+        c64 = centroids.astype(np.float64)
+        midpoints = (c64[:-1] + c64[1:]) / 2
+        # side="left": a value exactly on a midpoint goes to the lower centroid. Only the clustered
+        # values are searched: with 90% zeros that is a tenth of the work.
+        assigned = np.searchsorted(midpoints, clustered, side="left").astype(np.uint8)
+        if zero_slot:
+            indices[nonzero] = assigned + 1
+        else:
+            indices = assigned
+    codebook = np.concatenate([[0.0] if zero_slot else [], centroids]).astype(np.float32)
+    if codebook.size < k:  # no values at all: pad so the codebook always has 2**bits entries
+        fill = codebook[-1] if codebook.size else np.float32(0)
+        codebook = np.concatenate([codebook, np.full(k - codebook.size, fill, np.float32)])
+    return codebook, indices.reshape(np.shape(values))
+
+
+def _lloyd(sorted_values: np.ndarray, k: int, init: Init, iterations: int) -> np.ndarray:
+    """Lloyd's iterations on sorted values; return k ascending float64 centroids."""
+    n = sorted_values.size
+    if n == 0:
+        return np.zeros(0)
+    s = sorted_values.astype(np.float64)
+    is_new = np.concatenate([[True], s[1:] != s[:-1]])
+    if np.count_nonzero(is_new) <= k:
+        distinct = s[is_new]
+        # Fewer distinct values than centroids: every value is its own exact centroid.
+        return np.concatenate([distinct, np.full(k - distinct.size, distinct[-1])])
+    prefix = np.concatenate([[0.0], np.cumsum(s)])
+
+    if init == "linear":
+        centroids = np.linspace(s[0], s[-1], k)
+    else:  # density: the value at the middle of each of k equal slices of the CDF
+        centroids = s[((np.arange(k) + 0.5) * n / k).astype(np.int64)]
+
+    bounds = None
+    for _ in range(iterations):
+        midpoints = (centroids[:-1] + centroids[1:]) / 2
+        # Cluster j holds s[edges[j]:edges[j+1]]; side="right" keeps ties with the lower centroid.
+        new_bounds = np.searchsorted(s, midpoints, side="right")
+        if bounds is not None and np.array_equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+        edges = np.concatenate([[0], bounds, [n]])
+        counts = np.diff(edges)
+        sums = prefix[edges[1:]] - prefix[edges[:-1]]
+        # An empty cluster keeps its centroid: moving it would need a random restart.
+        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        # Means of contiguous sorted runs stay sorted, so the midpoint split stays valid.
+    return centroids

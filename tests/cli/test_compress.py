@@ -1,0 +1,126 @@
+"""The main job end to end through the CLI, checked against independent recomputation."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from modelpress.cli.main import app
+from modelpress.compressors.recipe import shipped_recipes
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _predict(path, data_path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    data = np.load(data_path)
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: data[name]})[0], data["labels"] if "labels" in data else None
+
+
+def _compress(tmp_path, model, data, recipe="int8", *extra, name="out"):
+    out = tmp_path / f"{name}.onnx"
+    report = tmp_path / f"{name}.json"
+    result = _run("compress", model, "--recipe", recipe, "--data", data, "-o", out, "--report-json", report,
+                  "--runs", 5, "--warmup", 1, "--quiet", *extra)
+    return result, out, report
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "constant_cnn", "if_model"])
+def test_int8_on_zoo_models(tmp_path, zoo_models, digits_npz, name):
+    model, data = zoo_models(name), digits_npz(name)
+    result, out, report_path = _compress(tmp_path, model, data)
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(out))
+    report = json.loads(report_path.read_text())
+    assert report["schema"] == "modelpress.report/1"
+    # Sizes agree with the files on disk.
+    assert report["original"]["size_bytes"] == model.stat().st_size
+    assert report["compressed"]["size_bytes"] == out.stat().st_size
+    assert model.stat().st_size / out.stat().st_size >= 3.5
+    # Metrics agree with an independent computation.
+    before, labels = _predict(model, data)
+    after, _ = _predict(out, data)
+    accuracy_before = float(np.mean(before.argmax(1) == labels))
+    accuracy_after = float(np.mean(after.argmax(1) == labels))
+    assert report["original"]["metrics"]["accuracy"] == pytest.approx(accuracy_before, abs=1e-9)
+    assert report["compressed"]["metrics"]["accuracy"] == pytest.approx(accuracy_after, abs=1e-9)
+    assert report["compressed"]["metrics"]["agreement"] == pytest.approx(float(np.mean(before.argmax(1) == after.argmax(1))), abs=1e-9)
+    assert accuracy_before - accuracy_after <= 0.005
+    assert report["gates"] and all(g["passed"] for g in report["gates"])
+    for key in ("p50", "p90", "p99"):
+        assert report["compressed"]["latency_ms"][key] > 0
+
+
+@pytest.mark.parametrize("recipe", sorted(shipped_recipes()))
+def test_every_shipped_recipe_end_to_end(tmp_path, zoo_models, digits_npz, recipe):
+    model, data = zoo_models("mlp"), digits_npz("mlp")
+    result, out, report_path = _compress(tmp_path, model, data, recipe)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["passes"]
+    drop = report["original"]["metrics"]["accuracy"] - report["compressed"]["metrics"]["accuracy"]
+    assert drop <= 0.02
+    packed = report["artifacts"]["packed"]
+    if packed:
+        assert report["compressed"]["shipped_size_bytes"] == (tmp_path / "out.mpk").stat().st_size
+        decoded = tmp_path / "decoded.onnx"
+        assert _run("decode", packed, "-o", decoded).exit_code == 0
+        assert decoded.read_bytes() == out.read_bytes()
+
+
+def test_lossless_is_lossless_and_smaller_when_shipped(tmp_path, zoo_models, digits_npz):
+    model, data = zoo_models("mlp"), digits_npz("mlp")
+    result, out, report_path = _compress(tmp_path, model, data, "lossless")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["compressed"]["metrics"]["max_abs_error"] == 0.0
+    assert report["compressed"]["shipped_size_bytes"] < report["original"]["size_bytes"]
+
+
+def test_same_inputs_same_bytes(tmp_path, zoo_models, digits_npz):
+    model, data = zoo_models("mlp"), digits_npz("mlp")
+    _, out_a, _ = _compress(tmp_path, model, data, "prune-int8", name="a")
+    _, out_b, _ = _compress(tmp_path, model, data, "prune-int8", name="b")
+    assert out_a.read_bytes() == out_b.read_bytes()
+    assert out_a.with_suffix(".mpk").read_bytes() == out_b.with_suffix(".mpk").read_bytes()
+
+
+def test_gate_miss_exits_1_and_still_writes(tmp_path, tiny_model_path, tiny_data_path):
+    result, out, report_path = _compress(tmp_path, tiny_model_path, tiny_data_path, "int8", "--min-size-ratio", 1000)
+    assert result.exit_code == 1, result.output
+    assert out.exists()
+    gates = {g["name"]: g for g in json.loads(report_path.read_text())["gates"]}
+    assert gates["min_size_ratio"]["passed"] is False
+    assert "MISS" in result.output
+
+
+def test_markdown_report(tmp_path, tiny_model_path, tiny_data_path):
+    md = tmp_path / "r.md"
+    result = _run("compress", tiny_model_path, "--data", tiny_data_path, "-o", tmp_path / "o.onnx", "--report-md", md, "--runs", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    assert "| size (runnable .onnx) |" in text and "| accuracy |" in text
+
+
+def test_without_data_inputs_are_synthesized(tmp_path, tiny_model_path):
+    result = _run("compress", tiny_model_path, "-o", tmp_path / "o.onnx", "--report-json", tmp_path / "r.json", "--runs", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "accuracy" not in report["compressed"]["metrics"]
+    assert any("synthesized" in n for n in report["notes"])
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "modelpress", "recipes"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "int8" in done.stdout

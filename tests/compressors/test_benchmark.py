@@ -1,0 +1,166 @@
+"""Benchmark: metrics equal an independent numpy computation; latency is well-formed (no timing thresholds)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from test_data import VOCAB, softmax_model, token_model
+
+from modelpress.compressors import benchmark
+from modelpress.compressors.benchmark import BenchSettings, compare, environment, make_session, measure, run_outputs
+from modelpress.compressors.data import load_data, model_inputs, synthesize
+from modelpress.compressors.errors import InputError, ModelpressError
+from modelpress.compressors.recipe import BenchmarkSettings
+
+FAST = BenchSettings(threads=1, warmup=1, runs=7)
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def perturbed(model: onnx.ModelProto, name: str, scale: float, seed: int = 1) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for i, tensor in enumerate(copy.graph.initializer):
+        if tensor.name == name:
+            array = numpy_helper.to_array(tensor)
+            noise = np.random.default_rng(seed).normal(0, scale, array.shape).astype(array.dtype)
+            copy.graph.initializer[i].CopyFrom(numpy_helper.from_array(array + noise, name))
+    return copy
+
+
+def softmax_numpy(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    w = weights(model)
+    z = x.astype(np.float64) @ w["w"] + w["b"]
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, 50)
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    return x, labels, load_data(tmp_path / "d.npz", model_inputs(softmax_model()), batch_size=16)
+
+
+def test_identical_models_agree_fully_and_accuracy_matches_numpy(tmp_path, labelled):
+    x, labels, data = labelled
+    model = softmax_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    before, after = compare(path, model.SerializeToString(), data, FAST)
+    expected = float(np.mean(softmax_numpy(model, x).argmax(axis=1) == labels))
+    assert before.metrics == {"accuracy": pytest.approx(expected)}
+    assert after.metrics["accuracy"] == pytest.approx(expected)
+    assert after.metrics["agreement"] == 1.0
+    assert after.metrics["cosine"] == pytest.approx(1.0)
+    assert after.metrics["max_abs_error"] == 0.0 and after.metrics["mean_abs_error"] == 0.0
+    assert before.size_bytes == path.stat().st_size == after.size_bytes
+
+
+def test_perturbed_model_metrics_match_numpy(labelled):
+    x, labels, data = labelled
+    model = softmax_model()
+    changed = perturbed(model, "w", scale=0.8)
+    _, after = compare(model.SerializeToString(), changed.SerializeToString(), data, FAST)
+    a, b = softmax_numpy(model, x), softmax_numpy(changed, x)
+    cosine = np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    agreement = np.mean(a.argmax(1) == b.argmax(1))
+    assert 0 < agreement < 1  # the perturbation really changes some predictions
+    assert after.metrics["agreement"] == pytest.approx(agreement)
+    assert after.metrics["cosine"] == pytest.approx(cosine, abs=1e-5)
+    assert after.metrics["max_abs_error"] == pytest.approx(np.abs(a - b).max(), abs=1e-5)
+    assert after.metrics["mean_abs_error"] == pytest.approx(np.abs(a - b).mean(), abs=1e-5)
+    assert after.metrics["accuracy"] == pytest.approx(np.mean(b.argmax(1) == labels))
+
+
+def test_latency_and_memory_are_well_formed(labelled):
+    _, _, data = labelled
+    model = softmax_model().SerializeToString()
+    progress = []
+    before, after = compare(model, model, data, FAST, progress=lambda d, c, t: progress.append((d, c, t)))
+    for latency in (before.latency, after.latency):
+        assert 0 < latency.p50 <= latency.p90 <= latency.p99
+        assert latency.mean > 0 and latency.throughput > 0
+    assert before.peak_memory_mb is None or before.peak_memory_mb >= 0
+    assert ("latency", FAST.runs, FAST.runs) in progress
+    assert ("evaluating", len(data.feeds), len(data.feeds)) in progress
+
+
+def test_embedding_outputs_use_per_sample_cosine_over_feeds_of_different_sizes(tmp_path):
+    model = token_model()
+    changed = perturbed(model, "table", scale=0.3)
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i, (batch, seq) in enumerate([(2, 3), (1, 6), (3, 4)]):
+        mask = (rng.random((batch, seq)) > 0.3).astype(np.int64)
+        mask[:, 0] = 1  # no all-zero sample, whose cosine numpy leaves undefined
+        np.savez(folder / f"{i}.npz", input_ids=rng.integers(0, VOCAB, (batch, seq)), attention_mask=mask)
+    data = load_data(folder, model_inputs(model))
+    _, after = compare(model.SerializeToString(), changed.SerializeToString(), data, FAST)
+
+    def forward(m, feed):
+        return weights(m)["table"][feed["input_ids"]] * feed["attention_mask"][..., None]
+
+    cosines, agree, compared = [], 0, 0
+    for feed in data.feeds:
+        a, b = forward(model, feed), forward(changed, feed)
+        for row_a, row_b in zip(a.reshape(len(a), -1), b.reshape(len(b), -1)):
+            cosines.append(row_a @ row_b / (np.linalg.norm(row_a) * np.linalg.norm(row_b)))
+        agree += np.sum(a.argmax(-1) == b.argmax(-1))
+        compared += a.argmax(-1).size
+    assert after.metrics["cosine"] == pytest.approx(np.mean(cosines), abs=1e-5)
+    assert after.metrics["agreement"] == pytest.approx(agree / compared)
+    assert after.latency.p50 > 0
+
+
+def test_measure_without_labels_reports_no_accuracy_and_accepts_recipe_settings(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(softmax_model(), path)
+    data = synthesize(model_inputs(path), None, samples=4)
+    result = measure(path, data, BenchmarkSettings(threads=1, warmup=0, runs=3))
+    assert result.metrics == {} and result.size_bytes == path.stat().st_size
+    assert 0 < result.latency.p50 <= result.latency.p99
+
+
+def test_labels_that_do_not_fit_the_output_are_an_input_error(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), labels=np.zeros((4, 2), np.int64))
+    data = load_data(tmp_path / "d.npz", model_inputs(softmax_model()))
+    with pytest.raises(InputError, match=r"labels of shape \[4, 2\].*output 'probs' gives predictions of shape \[4\]"):
+        measure(softmax_model().SerializeToString(), data, FAST)
+
+
+def test_failures_of_the_original_and_the_compressed_model_are_told_apart(tmp_path):
+    model = softmax_model()
+    data = synthesize(model_inputs(model), None, samples=2)
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    renamed.graph.input[0].name = "y"
+    renamed.graph.node[0].input[0] = "y"
+    with pytest.raises(ModelpressError, match="compressed model") as err:
+        compare(model.SerializeToString(), renamed.SerializeToString(), data, FAST)
+    assert not isinstance(err.value, InputError)
+    with pytest.raises(InputError, match="fails on synthetic"):
+        compare(renamed.SerializeToString(), None, data, FAST)
+    with pytest.raises(InputError, match="onnxruntime cannot load"):
+        make_session(b"garbage", 1)
+
+
+def test_session_options_and_outputs(labelled):
+    _, _, data = labelled
+    session = make_session(softmax_model().SerializeToString(), threads=2)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    outputs = run_outputs(session, data)
+    assert [o.shape for o in outputs] == [(16, 3), (16, 3), (16, 3), (2, 3)]
+
+
+def test_environment_names_runtime_and_cpu():
+    env = environment(3)
+    assert env["threads"] == 3 and env["onnxruntime"] and env["cpu"] and env["python"]
+    assert set(env["isa"]) <= set(benchmark.RELEVANT_ISA)

@@ -1,0 +1,125 @@
+"""Model I/O: clear errors on broken files, exporter quirks normalized, atomic saves."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import tiny_mlp
+from onnx import TensorProto, helper, numpy_helper
+
+from modelpress.compressors.errors import InputError
+from modelpress.compressors.model import (
+    check_model,
+    check_output_path,
+    ensure_opset,
+    iter_weights,
+    load_model,
+    normalize,
+    save_model,
+    weight_inputs,
+)
+
+
+def test_truncated_model_is_an_input_error(tmp_path):
+    data = tiny_mlp().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.onnx: not a readable ONNX model"):
+        load_model(path)
+
+
+def test_garbage_and_missing_files(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\xff" * 100)
+    with pytest.raises(InputError, match="junk.onnx"):
+        load_model(tmp_path / "junk.onnx")
+    with pytest.raises(InputError, match="no such model file"):
+        load_model(tmp_path / "absent.onnx")
+
+
+def test_missing_external_data_names_tensor_and_file(tmp_path):
+    model = tiny_mlp()
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(InputError, match=r"tensor 'w1' keeps its data in 'ext.onnx.data', which is missing"):
+        load_model(tmp_path / "ext.onnx")
+
+
+def test_truncated_external_data(tmp_path):
+    onnx.save(tiny_mlp(), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    data = tmp_path / "ext.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(InputError, match="truncated"):
+        load_model(tmp_path / "ext.onnx")
+
+
+def test_constant_weights_become_initializers(tmp_path):
+    onnx.save(tiny_mlp(constant_weights=True, opset=11), tmp_path / "c.onnx")
+    model = load_model(tmp_path / "c.onnx")
+    quirks = normalize(model)
+    assert any("3 Constant node(s)" in q for q in quirks)
+    names = {v.name for _, v in iter_weights(model)}
+    assert names == {"w1", "b1", "w2"}
+    verdicts = dict((v.name, r) for v, r in weight_inputs(model, {"MatMul"}))
+    assert verdicts == {"w1": None, "w2": None}  # b1 is rank 1: never a weight matrix
+    check_model(model)
+
+
+def test_subgraph_weights_are_visible(tmp_path):
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w_then")
+    then_graph = helper.make_graph([helper.make_node("MatMul", ["x", "w_then"], ["y_then"])], "then", [],
+                                   [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1, 4])], initializer=[w])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                                   [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["cond"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_proto.ir_version = 8
+    onnx.save(model_proto, tmp_path / "if.onnx")
+    model = load_model(tmp_path / "if.onnx")
+    quirks = normalize(model)
+    assert any("inside If/Loop/Scan" in q for q in quirks)
+    assert [(v.name, r) for v, r in weight_inputs(model, {"MatMul"})] == [("w_then", None)]
+
+
+def test_shared_initializer_listed_once(tmp_path):
+    proto = tiny_mlp()
+    proto.graph.node.append(helper.make_node("MatMul", ["input", "w1"], ["h2"]))
+    proto.graph.output.append(helper.make_tensor_value_info("h2", TensorProto.FLOAT, ["N", 128]))
+    onnx.save(proto, tmp_path / "shared.onnx")
+    model = load_model(tmp_path / "shared.onnx")
+    assert any("shared" in q for q in normalize(model))
+    assert sum(1 for _, v in iter_weights(model) if v.name == "w1") == 1
+
+
+def test_opset_upgrade(tmp_path):
+    onnx.save(tiny_mlp(opset=11), tmp_path / "o11.onnx")
+    model = ensure_opset(load_model(tmp_path / "o11.onnx"), 13)
+    assert model.opset_imports[""] == 13
+    check_model(model)
+
+
+def test_save_is_atomic_and_output_rules(tmp_path, tiny_model_path):
+    model = load_model(tiny_model_path)
+    out = tmp_path / "out.onnx"
+    save_model(model, out)
+    assert onnx.load(out).graph.node[0].op_type == "MatMul"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    with pytest.raises(InputError, match="overwrite the input"):
+        check_output_path(tiny_model_path, tiny_model_path, force=True)
+    with pytest.raises(InputError, match="--force"):
+        check_output_path(tiny_model_path, out, force=False)
+    check_output_path(tiny_model_path, out, force=True)
+
+
+def test_checker_failure_is_reported():
+    model = ir.from_proto(tiny_mlp())
+    model.graph.node(0).op_type = "NoSuchOp"
+    with pytest.raises(ValueError, match="onnx.checker rejects|cannot load"):
+        check_model(model)

@@ -1,0 +1,223 @@
+"""k-means weight sharing: the rewritten model computes exactly with codebook[indices], runs in stock
+ORT, handles subgraphs, embeddings and pruned zeros, shrinks, and is deterministic."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import tiny_mlp
+from onnx import TensorProto, helper, numpy_helper
+from pydantic import ValidationError
+
+from modelpress.compressors.model import check_model, load_model, normalize, opset_version, to_bytes
+from modelpress.compressors.pipeline import PassContext
+from modelpress.compressors.quantize.kmeans import KMeansConfig, KMeansQuantize
+from modelpress.compressors.registry import PASSES
+
+
+def _model(rng, opset=17):
+    """ids -> Gather(emb 50x32) -> MatMul(w1 32x64) -> Relu -> Gemm(w2 64x32 as 32x64, transB) -> out.
+    w1 is 80% zeros (pruned); a Conv-free graph keeps the ORT run fast."""
+    w1 = rng.normal(0, 0.2, (32, 64)).astype(np.float32)
+    w1[rng.random(w1.shape) < 0.8] = 0.0
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (50, 32)).astype(np.float32), "emb"),
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (32, 64)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (32,)).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),
+        helper.make_node("MatMul", ["e", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["out"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 32])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _if_model(rng):
+    """Weights in both If branches, plus a main-graph weight read from inside a branch."""
+    def branch(prefix):
+        w = numpy_helper.from_array(rng.normal(0, 0.3, (16, 40)).astype(np.float32), f"{prefix}_w")
+        nodes = [helper.make_node("MatMul", ["x", f"{prefix}_w"], [f"{prefix}_h"]),
+                 helper.make_node("MatMul", [f"{prefix}_h", "shared"], [f"{prefix}_y"])]
+        out = helper.make_tensor_value_info(f"{prefix}_y", TensorProto.FLOAT, ["N", 8])
+        return helper.make_graph(nodes, prefix, [], [out], initializer=[w])
+
+    shared = numpy_helper.from_array(rng.normal(0, 0.3, (40, 8)).astype(np.float32), "shared")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        initializer=[shared, numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model_proto, min_elements=16, **config):
+    model = _load(model_proto)
+    result = KMeansQuantize(KMeansConfig(min_elements=min_elements, **config), PassContext(seed=0)).call(model)
+    check_model(result.model)
+    return result
+
+
+def _load(proto):
+    model = ir.from_proto(proto)
+    normalize(model)
+    return model
+
+
+def _reference(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> onnx.ModelProto:
+    """The original model with each clustered weight replaced by codebook[indices] (+ group offsets)."""
+    def arrays(graph, found):
+        for t in graph.initializer:
+            found[t.name] = numpy_helper.to_array(t)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    arrays(attr.g, found)
+        return found
+
+    new = arrays(rewritten.graph, {})
+    reference = onnx.ModelProto()
+    reference.CopyFrom(original)
+
+    def replace(graph):
+        for t in graph.initializer:
+            if f"{t.name}_kmeans_idx" in new:
+                idx = new[f"{t.name}_kmeans_idx"].astype(np.int64)
+                idx = idx + new.get(f"{t.name}_kmeans_offsets", 0)
+                t.CopyFrom(numpy_helper.from_array(new[f"{t.name}_kmeans_codebook"][idx], t.name))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    replace(attr.g)
+
+    replace(reference.graph)
+    return reference
+
+
+def _outputs(proto, feed):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (5, 1), (4, 1), (3, 4)])
+def test_output_equals_codebook_lookup_exactly(bits, groups):
+    original = _model(np.random.default_rng(0))
+    result = _run(original, bits=bits, per_channel_groups=groups)
+    rewritten = onnx.load_from_string(to_bytes(result.model))
+    assert result.stats["tensors_clustered"] == 3  # emb, w1, w2; the bias b2 is not a weight matrix
+    feed = {"ids": np.arange(50, dtype=np.int64)}
+    got = _outputs(rewritten, feed)[0]
+    expected = _outputs(_reference(original, rewritten), feed)[0]
+    assert np.array_equal(got, expected)
+    assert not np.array_equal(got, _outputs(original, feed)[0])  # it really was clustered
+
+
+def test_pruned_zeros_stay_exact_and_each_codebook_is_small():
+    original = _model(np.random.default_rng(1))
+    result = _run(original, bits=4, per_channel_groups=4)
+    reference = _reference(original, onnx.load_from_string(to_bytes(result.model)))
+    before = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert np.array_equal(after["w1"] == 0, before["w1"] == 0)
+    assert result.stats["per_tensor"]["w1"]["zeros_kept"] == int((before["w1"] == 0).sum())
+    for group in np.split(after["w2"], 4, axis=0):  # Gemm transB: output channels on axis 0
+        assert np.unique(group).size <= 16
+    assert np.array_equal(after["b2"], before["b2"])
+
+
+def test_weights_inside_if_branches_and_outer_scope():
+    original = _if_model(np.random.default_rng(2))
+    result = _run(original, bits=5)
+    assert result.stats["tensors_clustered"] == 3
+    rewritten = onnx.load_from_string(to_bytes(result.model))
+    onnx.checker.check_model(rewritten, full_check=True)
+    then_branch = next(a.g for a in rewritten.graph.node[-1].attribute if a.name == "then_branch")
+    assert {t.name for t in then_branch.initializer} == {"then_w_kmeans_idx", "then_w_kmeans_codebook"}
+    feed = {"x": np.random.default_rng(3).random((4, 16), dtype=np.float32)}
+    assert np.array_equal(_outputs(rewritten, feed)[0], _outputs(_reference(original, rewritten), feed)[0])
+
+
+def _wide_mlp(rng):
+    """x[N,256] -> MatMul 256x256 -> MatMul 256x128: large enough that codebooks are overhead."""
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, shape).astype(np.float32), name)
+             for name, shape in (("w1", (256, 256)), ("w2", (256, 128)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 128])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_runnable_size_shrinks():
+    original = _wide_mlp(np.random.default_rng(4))
+    size = original.ByteSize()
+    at8 = _run(original, bits=8)
+    assert size / len(to_bytes(at8.model)) >= 3.5
+    assert at8.stats["index_dtype"] == "uint8" and opset_version(at8.model) == 17
+    at4 = _run(original, bits=4)
+    assert at4.stats["index_dtype"] == "uint4" and opset_version(at4.model) == 21
+    assert size / len(to_bytes(at4.model)) >= 7.0
+    kept = _run(original, bits=4, index_dtype="uint8")  # old runtimes: no opset upgrade
+    assert kept.stats["index_dtype"] == "uint8" and opset_version(kept.model) == 17
+
+
+def test_deterministic_bytes():
+    original = _model(np.random.default_rng(5))
+    assert to_bytes(_run(original, bits=5).model) == to_bytes(_run(original, bits=5).model)
+    assert to_bytes(_run(original, bits=3).model) == to_bytes(_run(original, bits=3).model)
+
+
+def test_skipped_tensors_are_reported():
+    proto = tiny_mlp()
+    proto.graph.node.append(helper.make_node("Add", ["w2", "w2"], ["w2_twice"]))
+    proto.graph.output.append(helper.make_tensor_value_info("w2_twice", TensorProto.FLOAT, [128, 10]))
+    result = _run(proto, min_elements=16, bits=5, exclude=("w1",))
+    reasons = {s["tensor"]: s["reason"] for s in result.stats["skipped"]}
+    assert "include/exclude" in reasons["w1"] and "Add input" in reasons["w2"]
+    assert not result.modified and result.stats["tensors_clustered"] == 0
+    small = _run(tiny_mlp(), min_elements=10_000, bits=5)
+    assert {s["tensor"] for s in small.stats["skipped"]} == {"w1", "w2"}
+
+
+def test_mlp_from_file_and_stats(tiny_model_path):
+    model = load_model(tiny_model_path)
+    normalize(model)
+    result = KMeansQuantize(KMeansConfig(bits=6, min_elements=100)).call(model)
+    check_model(result.model)
+    stats = result.stats
+    assert stats["tensors_clustered"] == 2 and stats["bits"] == 6
+    assert stats["bytes_before"] == (64 * 128 + 128 * 10) * 4
+    assert stats["bytes_after"] == 64 * 128 + 128 * 10 + 2 * 64 * 4
+    assert all(0 < t["mse"] < 1e-3 for t in stats["per_tensor"].values())
+
+
+def test_config_validation_and_registry():
+    with pytest.raises(ValidationError):
+        KMeansConfig(bits=9)
+    with pytest.raises(ValidationError):
+        KMeansConfig(bits=5, index_dtype="uint4")
+    with pytest.raises(ValidationError):
+        KMeansConfig(bits=5, nonsense=1)
+    assert PASSES["quantize"]["kmeans"] is KMeansQuantize
