@@ -5,7 +5,6 @@ exit code here, and only here: 0 ok, 1 a gate missed, 2 bad input or usage, 3 a 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -105,6 +104,8 @@ def compress(
     warmup: Annotated[Optional[int], typer.Option(help="Benchmark warm-up runs.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the recipe's seed.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
+    search_dir: Annotated[Optional[Path], typer.Option("--search-dir", help="Search recipes (e.g. `auto`): folder of the trial journal (journal.jsonl) and best.json.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the search journaled in --search-dir without redoing finished trials.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
@@ -125,6 +126,7 @@ def compress(
     request = CompressRequest(
         model=model, recipe=recipe, output=output, data=data, eval_data=eval_data,
         shapes=parse_shape_flags(shape or []), force=force, gate_overrides=gates, bench_overrides=bench, seed=seed,
+        search_dir=search_dir, resume=resume,
     )
     with render.progress(quiet) as progress:
         report = run_compress(request, progress=progress)
@@ -228,6 +230,18 @@ def recipes(ctx: typer.Context):
         from modelpress.compressors.recipe import load_recipe, shipped_recipes
 
         render.recipe_list({name: load_recipe(str(path)).description for name, path in shipped_recipes().items()})
+
+
+@app.command()
+@handle_errors
+def passes(verbose: Verbose = False):
+    """List every registered pass by stage with its recipe keys and defaults.
+
+    Example: `modelpress passes`
+    """
+    from modelpress.compressors.registry import PASSES
+
+    render.pass_table(PASSES)
 
 
 @recipes_app.command("show", no_args_is_help=True)

@@ -209,3 +209,14 @@ def recipe_ok(recipe) -> None:
 
 def decoded(artifact, output, size: int) -> None:
     out.print(f"{artifact} → {output} ({_size(size)})")
+
+
+def pass_table(passes_by_stage: dict) -> None:
+    table = Table(title="passes (recipe `type:` per stage)", title_justify="left")
+    for col in ("stage", "type", "what it does", "keys (default)"):
+        table.add_column(col)
+    for stage, passes in passes_by_stage.items():
+        for name, cls in passes.items():
+            keys = ", ".join(f"{key}={field.default!r}" for key, field in cls.config_cls.model_fields.items())
+            table.add_row(stage, name, cls.summary, keys or "-")
+    out.print(table)

@@ -65,17 +65,54 @@ class Gram:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_rows = [], 0
+        if self._pending:
+            x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._accumulate(x)
+            self._pending, self._pending_rows = [], 0
+
+    def _accumulate(self, x: np.ndarray) -> np.ndarray:
         product = (x.T @ x).astype(np.float64)  # float32 BLAS product, float64 running sum
         self.total = product if self.total is None else self.total + product
+        return product
 
     @property
     def hessian(self) -> np.ndarray:
         self._flush()
         return self.total / max(1, self.rows)
+
+
+@dataclass
+class CrossGram(Gram):
+    """``H = X̂^T X̂`` of the inputs in the model being pruned, plus ``C = X̂^T X`` with the same
+    value X in the original model (``capture(..., reference=...)``). With both, a layer can be
+    solved for ``min ||X̂ W' - X W||²``: its own pruning error and the one that reaches it from the
+    layers pruned before it. Without a reference X = X̂ and ``C = H``.
+    """
+
+    paired = True
+    cross_total: np.ndarray | None = None
+    _references: list = field(default_factory=list, repr=False)
+
+    def update(self, batch: np.ndarray, reference: np.ndarray | None = None) -> None:
+        self._references.append(None if reference is None or reference is batch else _rows(reference, self.transposed))
+        super().update(batch)
+
+    def _accumulate(self, x: np.ndarray) -> np.ndarray:
+        product = super()._accumulate(x)
+        references, self._references = self._references, []
+        if all(r is None for r in references):
+            cross = product  # no reference run: X = X̂
+        else:
+            own = np.cumsum([0] + [p.shape[0] for p in self._pending])
+            xr = np.concatenate([x[a:b] if r is None else r for a, b, r in zip(own[:-1], own[1:], references)])
+            cross = (x.T @ xr).astype(np.float64)
+        self.cross_total = cross if self.cross_total is None else self.cross_total + cross
+        return product
+
+    @property
+    def cross(self) -> np.ndarray:
+        self._flush()
+        return self.cross_total / max(1, self.rows)
 
 
 @dataclass
@@ -104,13 +141,16 @@ def capture(
     *,
     values_per_run: int = 8,
     threads: int = 2,
+    reference: onnx.ModelProto | None = None,
     progress: Callable[[str, int, int], None] = lambda description, completed, total: None,
 ) -> None:
     """Run ``feeds`` through ``model`` and fold each requested value into its reductions.
 
     ``requests`` pairs a main-graph value name with a reduction; a name may appear several times.
-    Graph inputs are read straight from the feeds. Raises ValueError for a name that is not a value
-    of the main graph.
+    Graph inputs are read straight from the feeds. With ``reference`` (a model with the same value
+    names, e.g. the original before pruning), reductions marked ``paired`` get
+    ``update(value, value_in_reference)`` from both models on the same feed. Raises ValueError for
+    a name that is not a value of the main graph.
     """
     import onnxruntime as ort
 
@@ -123,10 +163,16 @@ def capture(
     if unknown:
         raise ValueError(f"not values of the main graph, cannot capture: {unknown}")
 
+    def fold(name: str, array: np.ndarray, reference_array: np.ndarray | None) -> None:
+        for reduction in by_name[name]:
+            if getattr(reduction, "paired", False):
+                reduction.update(array, reference_array)
+            else:
+                reduction.update(array)
+
     for feed in feeds:
         for name in by_name.keys() & graph_inputs:
-            for reduction in by_name[name]:
-                reduction.update(feed[name])
+            fold(name, feed[name], None)
     inner = [n for n in by_name if n not in graph_inputs]
     if not inner:
         return
@@ -139,17 +185,18 @@ def capture(
     chunks = [inner[i : i + values_per_run] for i in range(0, len(inner), values_per_run)]
     for index, chunk in enumerate(chunks):
         progress("capturing calibration activations", index, len(chunks))
-        session = ort.InferenceSession(
-            _exposing(base, chunk).SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        needed = {i.name for i in session.get_inputs()}
+        paired = reference is not None and any(getattr(r, "paired", False) for n in chunk for r in by_name[n])
+        sessions = [
+            ort.InferenceSession(_exposing(proto, chunk).SerializeToString(), options, providers=["CPUExecutionProvider"])
+            for proto in ([base, reference] if paired else [base])
+        ]
+        needed = {i.name for i in sessions[0].get_inputs()}
         for feed in feeds:
-            arrays = session.run(chunk, {k: v for k, v in feed.items() if k in needed})
-            for name, array in zip(chunk, arrays):
-                for reduction in by_name[name]:
-                    reduction.update(array)
-            del arrays
-        del session
+            runs = [s.run(chunk, {k: v for k, v in feed.items() if k in needed}) for s in sessions]
+            for i, name in enumerate(chunk):
+                fold(name, runs[0][i], runs[1][i] if paired else None)
+            del runs
+        del sessions
 
 
 def _exposing(base: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -38,6 +38,8 @@ class CompressRequest:
     bench_overrides: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
     benchmark: bool = True
+    search_dir: Path | None = None  # the search's journal (recipes with a search: block)
+    resume: bool = False
 
 
 def with_overrides(recipe: Recipe, gates: dict[str, float], bench: dict[str, int]) -> Recipe:
@@ -86,22 +88,34 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     model = load_model(request.model)
     quirks = normalize(model)
     calibration, evaluation = load_datasets(request.model, request, seed)
+    search_notes: list[str] = []
+    if recipe.search is not None:
+        from modelpress.compressors.search import run as search_run
+
+        recipe, calibration, evaluation, search_notes = search_run.prepare(recipe, request, calibration, evaluation, seed)
+    elif request.search_dir is not None or request.resume:
+        raise InputError("--search-dir and --resume need a recipe with a search: block (e.g. --recipe auto)")
     benchmark.preflight(request.model, evaluation)
     calibration_feeds = calibration.feeds[: max(1, _feeds_for(calibration))]
     calibration_samples = sum(calibration.feed_samples[: len(calibration_feeds)])
-    passes, encoder = recipe.build(
-        PassContext(
-            calibration=calibration_feeds,
-            labels=None if calibration.labels is None else calibration.labels[:calibration_samples],
-            original=to_bytes(model) if recipe.needs_original else None,
-            seed=seed,
-            threads=recipe.benchmark.threads,
-            progress=progress,
-        )
+    context = PassContext(
+        calibration=calibration_feeds,
+        labels=None if calibration.labels is None else calibration.labels[:calibration_samples],
+        original=to_bytes(model) if recipe.needs_original else None,
+        seed=seed,
+        threads=recipe.benchmark.threads,
+        progress=progress,
     )
+    passes, encoder = recipe.build(context)
     packed = packed_path(request.output)
     if encoder is not None and packed.exists() and not request.force:
         raise InputError(f"{packed}: already exists; pass --force to replace it")
+    search = None
+    if recipe.search is not None:  # the search chooses the prune and quantize passes
+        search = search_run.run_search(model, recipe, context, calibration, evaluation, encoder, model_size(request.model),
+                                       request.search_dir, request.resume, progress)
+        passes = search.passes + passes
+        search_notes += search.notes
 
     model, records = run_passes(model, passes, on_start=lambda p: progress(f"{p.stage}: {p.name}", 0, 1))
     onnx_bytes = to_bytes(model)
@@ -129,8 +143,9 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         notes.append("no labels in the data: accuracy is reported as fidelity to the original model")
     if request.data is None:
         notes.append("no --data: inputs were synthesized from the model signature; accuracy is not measured")
-    elif request.eval_data is None:
+    elif request.eval_data is None and recipe.search is None:
         notes.append("the same data calibrated and evaluated (pass --eval-data for a held-out measurement)")
+    notes += search_notes
     return Report(
         model=str(request.model),
         recipe=recipe.source,
@@ -150,6 +165,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
             "labels": evaluation.labels is not None,
         },
         notes=notes,
+        search=None if search is None else search.summary,
     )
 
 

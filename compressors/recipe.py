@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpress.compressors.errors import InputError, RecipeError
 from modelpress.compressors.pipeline import STAGES, EncodePass, Pass, PassConfig, PassContext
+from modelpress.compressors.search.space import SearchSpace, check_fixed_passes
 
 KeyPath = tuple[str | int, ...]
 
@@ -55,6 +56,7 @@ class Recipe:
     gates: Gates
     benchmark: BenchmarkSettings
     seed: int
+    search: SearchSpace | None = None  # the passes are then chosen per layer group (search/run.py)
 
     def build(self, context: PassContext) -> tuple[list[Pass], EncodePass | None]:
         """Instantiate graph passes in stage order, and the encoder if the recipe encodes."""
@@ -83,7 +85,7 @@ class Recipe:
         return any(PASSES[s.stage][s.name].needs_calibration for s in self.passes)
 
 
-TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "seed")
+TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "seed", "search")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -149,6 +151,9 @@ def parse_recipe(text: str, source: str) -> Recipe:
     passes = _parse_passes(data, report)
     gates = _validate(Gates, data.get("gates"), ("gates",), report)
     bench = _validate(BenchmarkSettings, data.get("benchmark"), ("benchmark",), report)
+    search = _validate(SearchSpace, data["search"], ("search",), report) if "search" in data else None
+    if search is not None and check_fixed_passes(passes):
+        report(("search",), check_fixed_passes(passes))
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         report(("seed",), f"{seed!r} is not valid: the seed must be a non-negative integer")
@@ -157,7 +162,7 @@ def parse_recipe(text: str, source: str) -> Recipe:
         report(("description",), "the description must be a string")
     if problems:
         raise RecipeError(problems)
-    return Recipe(source, description, tuple(passes), gates, bench, seed)
+    return Recipe(source, description, tuple(passes), gates, bench, seed, search)
 
 
 def _parse_passes(data: dict, report) -> list[PassSpec]:

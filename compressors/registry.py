@@ -8,9 +8,10 @@ from __future__ import annotations
 from modelpress.compressors.encode.entropy import EntropyEncode
 from modelpress.compressors.pipeline import EncodePass, Pass, Stage
 from modelpress.compressors.prune.magnitude import MagnitudePrune
-from modelpress.compressors.prune.recover import Recover
+from modelpress.compressors.prune.recover import Recover, RecoverQuantized
 from modelpress.compressors.prune.sparsegpt import SparseGPTPrune
 from modelpress.compressors.prune.wanda import WandaPrune
+from modelpress.compressors.quantize.int4 import Int4Quantize
 from modelpress.compressors.quantize.int8 import Int8Quantize
 from modelpress.compressors.quantize.kmeans import KMeansQuantize
 
@@ -19,7 +20,9 @@ _TABLE: list[type[Pass] | type[EncodePass]] = [
     SparseGPTPrune,
     WandaPrune,
     Recover,
+    RecoverQuantized,
     Int8Quantize,
+    Int4Quantize,
     KMeansQuantize,
     EntropyEncode,
 ]

@@ -44,6 +44,7 @@ class Report:
     environment: dict[str, Any]
     data: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    search: dict[str, Any] | None = None  # the accuracy-budget search, when the recipe has one
 
     @property
     def gates_passed(self) -> bool:
@@ -68,6 +69,7 @@ class Report:
             "environment": self.environment,
             "data": self.data,
             "notes": self.notes,
+            **({"search": self.search} if self.search is not None else {}),
         })
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 
 from modelpress.kernels.sparsity import drop_smallest, group_mask, nm_mask
 
@@ -47,6 +46,7 @@ def inverse_hessian_cholesky(hessian: np.ndarray, percdamp: float = 0.01) -> tup
     caller zeroes their weights, which cannot change the calibration outputs. ``damp`` is
     ``percdamp · mean(diag(H))``, and is raised tenfold until the Cholesky succeeds.
     """
+    import torch  # imported here: importing the pass registry must not load torch
     h = np.array(hessian, dtype=np.float64, copy=True)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"the Hessian must be square, got shape {h.shape}")
@@ -136,6 +136,31 @@ def sparsegpt_prune(
             w[i2:] -= upper[i1:i2, i2:].T @ errors  # lazy batch update of the later blocks
     out = w if layout == "in_out" else w.T
     return np.ascontiguousarray(out).astype(original_dtype)
+
+
+def correct_input_error(
+    weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, *, layout: Layout, percdamp: float = 0.01
+) -> np.ndarray:
+    import torch  # imported here: importing the pass registry must not load torch
+    """The dense weight that best maps the perturbed inputs X̂ to the original outputs X·W.
+
+    hessian = X̂^T X̂, cross = X̂^T X (X: the layer's inputs in the original model, X̂: with the
+    layers before it already pruned). Returns ``argmin ||X̂ W' - X W||²`` (damped), computed as
+    ``W + (H + damp·I)^{-1} (C - H) W`` so that it is exactly W when X̂ = X. Pruning this target
+    with ``sparsegpt_prune(..., hessian)`` then also undoes the error that reached the layer from
+    upstream, not only its own. float64, in ``weight``'s layout.
+    """
+    w = _to_in_out(np.asarray(weight, dtype=np.float64), layout)
+    h = np.asarray(hessian, dtype=np.float64)
+    residual = (np.asarray(cross, dtype=np.float64) - h) @ w
+    if not np.any(residual):
+        return np.array(weight, dtype=np.float64)
+    damp = percdamp * float(np.mean(np.diag(h))) or 1e-8
+    lower, info = torch.linalg.cholesky_ex(torch.from_numpy(h + damp * np.eye(h.shape[0])))
+    if int(info) != 0:
+        return np.array(weight, dtype=np.float64)  # numerically indefinite: keep the plain target
+    target = w + torch.cholesky_solve(torch.from_numpy(residual), lower).numpy()
+    return target if layout == "in_out" else np.ascontiguousarray(target.T)
 
 
 def wanda_scores(weight: np.ndarray, col_norms: np.ndarray, *, layout: Layout) -> np.ndarray:

@@ -212,3 +212,33 @@ def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     if norm == 0:
         return 1.0 if not (a.any() or b.any()) else 0.0
     return float(np.dot(a, b) / norm)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit integers along the last axis into uint8, low-order bits first
+    (the layout of ONNX's INT4/UINT4 tensors and of onnxruntime's MatMulNBits / GatherBlockQuantized).
+    A last axis that does not fill whole bytes is padded with zeros."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    v = np.asarray(values).astype(np.uint8)
+    if bits == 8:
+        return np.ascontiguousarray(v)
+    per_byte = 8 // bits
+    pad = -v.shape[-1] % per_byte
+    if pad:
+        v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    v = v.reshape(v.shape[:-1] + (-1, per_byte))
+    packed = np.zeros(v.shape[:-1], np.uint8)
+    for i in range(per_byte):
+        packed |= (v[..., i] & ((1 << bits) - 1)) << (i * bits)
+    return packed
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: the first ``count`` values along the last axis."""
+    p = np.asarray(packed, np.uint8)
+    if bits == 8:
+        return p[..., :count].copy()
+    per_byte = 8 // bits
+    parts = [(p >> (i * bits)) & ((1 << bits) - 1) for i in range(per_byte)]
+    return np.stack(parts, axis=-1).reshape(p.shape[:-1] + (-1,))[..., :count]

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from modelpress.compressors.calibration import (
+    CrossGram,
     Gram,
     LinearLayer,
     Reduction,
@@ -30,7 +31,7 @@ from modelpress.compressors.calibration import (
 )
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
-from modelpress.kernels.hessian import reconstruction_error, sparsegpt_prune
+from modelpress.kernels.hessian import correct_input_error, reconstruction_error, sparsegpt_prune
 from modelpress.kernels.sparsity import magnitude_mask, nm_mask
 
 PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}  # at most N nonzeros in every M consecutive inputs
@@ -72,6 +73,10 @@ class LayerwisePrune(Pass):
     def reduction(self, transposed: bool) -> Reduction:
         """The statistic of a layer input the solver needs."""
 
+    def wants_reference(self) -> bool:
+        """True when the statistics also need the original model's activations (``CrossGram``)."""
+        return False
+
     @abstractmethod
     def solve(self, layer: LinearLayer, weights: np.ndarray, stats: list[Reduction]) -> tuple[np.ndarray, dict]:
         """New weights (same shape and dtype) and per-tensor figures for the stats."""
@@ -95,11 +100,13 @@ class LayerwisePrune(Pass):
         figures: dict[str, dict] = {}
         rows = 0
         rounds = plan_rounds(layers, config.rounds)
+        # The original model, kept to capture each later layer's inputs as they were before pruning.
+        reference = ir.to_proto(model) if self.wants_reference() and len(rounds) > 1 else None
         done = 0
         for group in rounds:
             # One statistic per distinct input: Q, K and V read the same value.
             shared = {key: self.reduction(key[1]) for layer in group for key in layer.inputs}
-            capture(model, [(name, r) for (name, _), r in shared.items()], feeds,
+            capture(model, [(name, r) for (name, _), r in shared.items()], feeds, reference=reference,
                     threads=self.context.threads, progress=self.context.progress)
             for layer in group:
                 self.context.progress(f"{self.name} pruning", done, len(layers))
@@ -139,6 +146,21 @@ class LayerwisePrune(Pass):
 class SparseGPTConfig(LayerwiseConfig):
     blocksize: int = Field(128, ge=1, description="inputs per mask-selection block")
     damp: float = Field(0.01, gt=0.0, lt=1.0, description="Hessian damping, a fraction of its mean diagonal")
+    # With rounds "sequential": solve each layer for min ||X̂W' - XW||² (X̂: its inputs with every
+    # layer before it pruned, X: the original inputs), so it also absorbs the error from upstream.
+    # Not with k rounds: the layers earlier in the same round correct themselves, and a later layer
+    # would undo an error that is no longer there (measured: worse than no correction).
+    correct_upstream: bool = True
+
+    @model_validator(mode="after")
+    def _correction_is_sequential(self):
+        if self.rounds != "sequential" and self.correct_upstream and "correct_upstream" in self.model_fields_set:
+            raise ValueError("correct_upstream needs rounds: sequential")
+        return self
+
+    @property
+    def corrects(self) -> bool:
+        return self.correct_upstream and self.rounds == "sequential"
 
 
 class SparseGPTPrune(LayerwisePrune):
@@ -147,18 +169,26 @@ class SparseGPTPrune(LayerwisePrune):
     summary = "one-shot pruning with Hessian-based weight updates from calibration data (SparseGPT)"
 
     def reduction(self, transposed: bool) -> Reduction:
-        return Gram(transposed)
+        return CrossGram(transposed) if self.config.corrects else Gram(transposed)
+
+    def wants_reference(self) -> bool:
+        return self.config.corrects
 
     def solve(self, layer, weights, stats):
         config: SparseGPTConfig = self.config
         hessian = sum(s.hessian for s in stats)  # a shared weight serves every use at once
+        target = weights.astype(np.float64)
+        if config.corrects:
+            cross = sum(s.cross for s in stats)
+            target = correct_input_error(weights, hessian, cross, layout=layer.layout, percdamp=config.damp)
         n, m = config.nm or (0, 0)
         new = sparsegpt_prune(
-            weights, hessian, layout=layer.layout, sparsity=config.sparsity, prunen=m - n, prunem=m,
+            target, hessian, layout=layer.layout, sparsity=config.sparsity, prunen=m - n, prunem=m,
             blocksize=config.blocksize, percdamp=config.damp,
         )
-        error = reconstruction_error(weights, new, hessian, layout=layer.layout)
-        return new, {"output_error": round(error, 6)}
+        # The layer's own pruning error, relative to its (corrected) dense output.
+        error = reconstruction_error(target, new, hessian, layout=layer.layout)
+        return new.astype(weights.dtype), {"output_error": round(error, 6)}
 
 
 def _collect(figures: dict[str, dict]) -> dict[str, Any]:

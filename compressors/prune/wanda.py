@@ -4,7 +4,8 @@ before: float MatMul / Gemm weight matrices and calibration feeds (``--data``).
 after:  in every output the weights with the lowest ``|w_ij| · ||x_j||₂`` are set to exactly 0 — the
 ``sparsity`` fraction of each output's inputs, or N:M along the input dimension — and the survivors
 are left as they were (Wanda, Sun et al. 2023: no weight update, so it is cheaper than SparseGPT and
-needs only per-feature norms, not a Hessian). Rounds, fallbacks and stats as for ``sparsegpt``.
+needs only per-feature norms, not a Hessian), all from one run of the original model unless
+``rounds`` says otherwise. Fallbacks and stats as for ``sparsegpt``.
 
 L1 and L2 criteria are not separate passes: for single weights both rank by ``|w|``, which is the
 ``magnitude`` pass; they differ only for structured (row / channel) pruning.
@@ -12,7 +13,10 @@ L1 and L2 criteria are not separate passes: for single weights both rank by ``|w
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import numpy as np
+from pydantic import Field
 
 from modelpress.compressors.calibration import ColumnNorms, Reduction
 from modelpress.compressors.prune.sparsegpt import LayerwiseConfig, LayerwisePrune
@@ -20,7 +24,9 @@ from modelpress.kernels.hessian import wanda_mask
 
 
 class WandaConfig(LayerwiseConfig):
-    pass
+    # One capture from the original model by default: on the digits MLP (70 % sparsity) sequential
+    # rounds lose 5 pp of accuracy, and on MiniLM they cost 13x the time for no gain.
+    rounds: Literal["sequential"] | Annotated[int, Field(ge=1)] = 1
 
 
 class WandaPrune(LayerwisePrune):

@@ -31,7 +31,6 @@ from modelpress.compressors.model import (
     iter_graphs,
     iter_weights,
     opset_version,
-    weight_inputs,
 )
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.selection import WeightFilterConfig, select_weights

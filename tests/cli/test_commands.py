@@ -14,7 +14,7 @@ def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["compress", "bench", "inspect", "decode", "recipes", "recipe"])
+@pytest.mark.parametrize("command", ["compress", "bench", "inspect", "decode", "recipes", "recipe", "passes"])
 def test_help_shows_an_example(command):
     result = _run(command, "--help")
     assert result.exit_code == 0

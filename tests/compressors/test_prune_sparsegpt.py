@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, tiny_mlp, zoo
 from onnx import TensorProto, helper, numpy_helper
 
-from modelpress.compressors.calibration import ColumnNorms, Gram, capture
+from modelpress.compressors.calibration import ColumnNorms, CrossGram, Gram, capture
 from modelpress.compressors.model import check_model, iter_weights, load_model, normalize, to_bytes
 from modelpress.compressors.pipeline import PassContext, run_passes
 from modelpress.compressors.prune.magnitude import MagnitudeConfig, MagnitudePrune
@@ -144,6 +144,39 @@ def test_capture_reshapes_3d_inputs_and_chunks(tmp_path):
     assert grams[2].rows == 60 and grams[2].hessian.shape == (128, 128)
     with pytest.raises(ValueError, match="not values of the main graph"):
         capture(model, [("nope", Gram())], [{"input": x}])
+
+
+def test_cross_gram_pairs_the_model_with_its_reference(tmp_path):
+    x = correlated(50, 64)
+    original = load(tmp_path, tiny_mlp())
+    pruned = sparsegpt(load(tmp_path, tiny_mlp()), [{"input": x}]).model
+    cross, plain = CrossGram(flush_rows=16), CrossGram()
+    capture(pruned, [("r", cross), ("r", plain)], [{"input": x[:20]}, {"input": x[20:]}], reference=ir.to_proto(original))
+
+    def relu_input(model):
+        w = weights(model)
+        return np.maximum(x.astype(np.float64) @ w["w1"] + w["b1"], 0)
+
+    r_hat, r = relu_input(pruned), relu_input(original)
+    for stat in (cross, plain):
+        np.testing.assert_allclose(stat.hessian, r_hat.T @ r_hat / 50, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(stat.cross, r_hat.T @ r / 50, rtol=1e-4, atol=1e-6)
+    alone = CrossGram()
+    capture(pruned, [("r", alone)], [{"input": x}])  # no reference: C = H
+    np.testing.assert_array_equal(alone.cross, alone.hessian)
+
+
+def test_upstream_correction_lowers_the_final_error(tmp_path, calib):
+    held_out = {"input": correlated(256, 64, seed=7)}
+    reference = run(load(tmp_path, tiny_mlp()), held_out)
+    errors = {}
+    for correct in (True, False):
+        model = sparsegpt(load(tmp_path, tiny_mlp()), calib, sparsity=0.7, correct_upstream=correct).model
+        errors[correct] = np.mean((run(model, held_out) - reference) ** 2)
+    assert errors[True] < 0.9 * errors[False]
+    with pytest.raises(ValueError, match="sequential"):
+        SparseGPTConfig(rounds=2, correct_upstream=True)
+    assert not SparseGPTConfig(rounds=2).corrects and SparseGPTConfig().corrects
 
 
 def if_model() -> onnx.ModelProto:

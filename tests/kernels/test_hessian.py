@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from modelpress.kernels.hessian import (
+    correct_input_error,
     reconstruction_error,
     sparsegpt_prune,
     wanda_mask,
@@ -155,3 +156,14 @@ def test_sparsity_helpers():
     assert np.array_equal(nm_mask(np.ones((8, 3)), 2, 4, axis=0).sum(axis=0), [4, 4, 4])
     with pytest.raises(ValueError, match="multiple"):
         nm_mask(np.ones(6), 2, 4)
+
+
+def test_upstream_correction_is_the_least_squares_fit_to_the_original_outputs():
+    x = correlated_inputs(400, 12, seed=6)
+    x_hat = x + np.random.default_rng(7).normal(size=x.shape) * 0.3  # inputs after upstream pruning
+    w = np.random.default_rng(8).normal(size=(12, 5))
+    h, cross = x_hat.T @ x_hat, x_hat.T @ x
+    target = correct_input_error(w, h, cross, layout="in_out", percdamp=1e-9)
+    np.testing.assert_allclose(target, np.linalg.lstsq(x_hat, x @ w, rcond=None)[0], atol=1e-6)
+    np.testing.assert_allclose(correct_input_error(w.T, h, cross, layout="out_in", percdamp=1e-9), target.T, atol=1e-6)
+    assert np.array_equal(correct_input_error(w, h, h, layout="in_out"), w)  # nothing upstream: unchanged

@@ -1,0 +1,208 @@
+"""The torch side of the recover pass: interpreter, teacher outputs, training loop, write-back.
+
+Kept apart from ``recover.py`` so that importing the pass registry (every CLI command does) does
+not import torch; this module is imported only when a recover pass runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from modelpress.compressors.model import to_bytes
+from modelpress.compressors.pipeline import PassContext
+from modelpress.compressors.prune.recover import AUTO_STEPS, RecoverConfig
+from modelpress.compressors.prune.recover_data import Batch, TrainingData, run_onnx
+from modelpress.compressors.torch_graph import TorchGraph
+from modelpress.kernels.distill import agreement, epoch_order, kd_loss, masked_grad_, masked_weight_, relative_mse
+
+
+class RecoveryTrainer:
+    """Distils one compressed model towards the teacher in ``context.original``."""
+
+    def __init__(self, config: RecoverConfig, context: PassContext):
+        self.config = config
+        self.context = context
+
+    def recover(self, model: ir.Model, values: list[ir.Value]) -> dict:
+        config: RecoverConfig = self.config
+        feeds = self.context.calibration
+        student = TorchGraph(model, trainable=sorted({v.name for v in values}))
+        teacher = run_onnx(self.context.original, feeds, config.features, self.context.threads)
+        _check_parity(student, model, feeds[0], self.context.threads)
+        data = TrainingData.build(feeds, teacher, self.context.labels, config, model.graph.outputs[0].name,
+                                 _output_op(model))
+
+        params = [p for _, p in student.trainable]
+        zeros = sum(int((p == 0).sum()) for p in params)
+        before = self._evaluate(student, data)
+        run = self._train(student, data)
+        after = self._evaluate(student, data)
+        # Never hand back a model further from the teacher than it came (e.g. one barely pruned,
+        # where Adam's first steps are noise): then the weights stay as they were.
+        target = "kd_loss" if data.loss_kind == "kl" else "relative_error"
+        improved = after[target] < before[target]
+        if improved:
+            _write_back(student)
+        else:
+            data.notes.append(f"training did not lower {target} ({before[target]} -> {after[target]}): "
+                              "weights left as they were")
+            after = before
+        reached = run.pop("reached")
+        trained = [v.name for v, p in student.trainable if id(p) in reached]
+        stats: dict = {"tensors_trained": len(trained) if improved else 0}
+        for key, value in before.items():  # the figures that matter first: the report shows a prefix
+            stats[f"{key}_before"], stats[f"{key}_after"] = value, after[key]
+        stats.update({
+            **run,
+            "loss": data.loss_kind,
+            "samples": data.samples,
+            "labels_used": data.labels_used,
+            "zeros_kept": zeros if config.keep_masks else None,
+            "trained": trained,
+            "not_reached": [v.name for v, p in student.trainable if id(p) not in reached],
+            "notes": data.notes,
+        })
+        return stats
+
+    def _train(self, student: TorchGraph, data: TrainingData) -> dict:
+        """The optimization loop; masked weights get neither gradient nor value."""
+        config: RecoverConfig = self.config
+        params = [p for _, p in student.trainable]
+        masks = {id(p): p.detach() != 0 for p in params} if config.keep_masks else {}
+        if config.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=config.lr)
+        else:
+            optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+        per_epoch = data.steps_per_epoch(config.batch_size)
+        planned = config.epochs or max(1, -(-AUTO_STEPS // per_epoch))
+        total = planned * per_epoch
+        scheduler = None
+        if config.schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        generator = torch.Generator().manual_seed(self.context.seed)
+
+        started = time.perf_counter()
+        step, stopped, epoch_losses, reached = 0, False, [], set()
+        for _ in range(planned):
+            losses = []
+            for batch in data.batches(epoch_order, generator, config.batch_size):
+                self.context.progress("recover", step, total)
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._loss(student, batch, data)
+                loss.backward()
+                for p in params:
+                    if p.grad is not None:
+                        reached.add(id(p))
+                        if id(p) in masks:
+                            masked_grad_(p, masks[id(p)])
+                optimizer.step()
+                for p in params:
+                    if id(p) in masks:
+                        masked_weight_(p, masks[id(p)])
+                if scheduler is not None:
+                    scheduler.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+                    stopped = True
+                    break
+            epoch_losses.append(float(np.mean(losses)))
+            if stopped:
+                break
+        self.context.progress("recover", total, total)
+        return {
+            "epochs": len(epoch_losses),
+            "steps": step,
+            "seconds": round(time.perf_counter() - started, 3),
+            "stopped_by_budget": stopped,
+            "loss_first": round(epoch_losses[0], 6),
+            "loss_last": round(epoch_losses[-1], 6),
+            "reached": reached,
+        }
+
+    def _loss(self, student: TorchGraph, batch: Batch, data: TrainingData) -> torch.Tensor:
+        config: RecoverConfig = self.config
+        outputs = student.run(batch.feed, extra=config.features)
+        out = data.view(outputs[data.output])
+        if data.loss_kind == "kl":
+            loss = kd_loss(out, batch.teacher, config.temperature)
+            if batch.labels is not None and config.label_weight > 0:
+                ce = torch.nn.functional.cross_entropy(out.reshape(len(batch.labels), -1), batch.labels)
+                loss = (1 - config.label_weight) * loss + config.label_weight * ce
+        else:
+            loss = relative_mse(out, batch.teacher)
+        if config.features and config.feature_weight > 0:
+            matched = [relative_mse(outputs[n], t) for n, t in zip(config.features, batch.features)]
+            loss = loss + config.feature_weight * torch.stack(matched).mean()
+        return loss
+
+    @torch.no_grad()
+    def _evaluate(self, student: TorchGraph, data: TrainingData) -> dict[str, float]:
+        """On all the data: the distillation loss (kl or relative error), agreement with the teacher
+        and label accuracy (kl)."""
+        config: RecoverConfig = self.config
+        outs, teachers, labels = [], [], []
+        for batch in data.in_order(512):
+            outs.append(data.view(student.run(batch.feed)[data.output]))
+            teachers.append(batch.teacher)
+            if batch.labels is not None:
+                labels.append(batch.labels)
+        if data.loss_kind != "kl":
+            errors = [float(relative_mse(o, t)) for o, t in zip(outs, teachers)]
+            return {"relative_error": round(float(np.mean(errors)), 6)}
+        out = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
+        teacher = torch.cat([t.reshape(-1, t.shape[-1]) for t in teachers])
+        result = {"agreement": round(agreement(out, teacher), 6),
+                  "kd_loss": round(float(kd_loss(out, teacher, config.temperature)), 6)}
+        if labels:
+            result["label_accuracy"] = round(float((out.argmax(-1) == torch.cat(labels)).float().mean()), 6)
+        return result
+
+
+def _output_op(model: ir.Model) -> str | None:
+    producer = model.graph.outputs[0].producer()
+    return producer.op_type if producer is not None else None
+
+
+def _check_parity(student: TorchGraph, model: ir.Model, feed: dict, threads: int) -> None:
+    """Refuse to train when the interpreter and onnxruntime disagree on the compressed model."""
+    reference = run_onnx(to_bytes(model), [feed], (), threads).outputs[0]
+    with torch.no_grad():
+        mine = next(iter(student.run(feed).values())).double().numpy()
+    ref = reference.astype(np.float64)
+    diff = float(np.max(np.abs(mine - ref))) if ref.size else 0.0
+    if not diff <= 1e-3 * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0):
+        raise ValueError(f"the torch interpreter disagrees with onnxruntime on this model (max abs difference "
+                         f"{diff:.3g} on its first output), so fine-tuning would train a different function")
+
+
+def _write_back(student: TorchGraph) -> None:
+    """Trained values into the same initializers: same names, same dtypes."""
+    for value, param in student.trainable:
+        array = param.detach().numpy().astype(value.const_value.dtype.numpy())
+        value.const_value = ir.Tensor(array, name=value.name)
+
+
+@contextlib.contextmanager
+def torch_settings(threads: int, seed: int) -> Iterator[None]:
+    """A fixed thread count, seed and deterministic kernels for the pass; the caller's come back."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_rng_state())
+    torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")  # a kernel without a deterministic version must not print
+            yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.set_rng_state(saved[3])

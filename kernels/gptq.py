@@ -1,0 +1,175 @@
+"""Block-wise weight quantization of linear layers: GPTQ and round-to-nearest (numpy, torch; no ONNX).
+
+A linear layer ``y = x @ W`` keeps its weight as low-bit integers in blocks of ``block_size``
+consecutive *inputs* per output — the layout of ONNX Runtime's ``MatMulNBits`` and of opset-21
+``DequantizeLinear(block_size=...)``: one scale and zero point per (block, output).
+
+Integers are unsigned, ``q`` in ``[0, 2^bits)``, and ``w ~ (q - zero_point) * scale``:
+
+* symmetric: ``zero_point = 2^(bits-1)`` (MatMulNBits' default, so the input can be omitted) and
+  ``scale = m / -2^(bits-1)`` with ``m`` the block's weight of largest magnitude, sign kept (as
+  ONNX Runtime's own blockwise quantizer does): ``m`` lands exactly on the end of the grid and all
+  ``2^bits`` levels are used. Such a scale can be negative; the product is what counts.
+* asymmetric: the range ``[min(w, 0), max(w, 0)]`` in ``2^bits - 1`` steps, ``zero_point =
+  round(-min / scale)``.
+
+``rtn_quantize`` rounds every weight to its nearest level. ``gptq_quantize`` (Frantar et al., 2023)
+quantizes one input row at a time and moves the rounding error onto the rows not yet quantized so
+that the layer's output on the calibration inputs changes least (``||XW - XŴ||²``, Hessian
+``H = X^T X``); it shares the Cholesky machinery of SparseGPT (``kernels/hessian.py``). A block's
+scale is chosen when the solver reaches its first row, from the weights as updated so far. With
+``act_order`` rows go in order of decreasing ``diag(H)`` and every block's scale comes from the
+original weights ("static groups"), so the result still fits the plain block layout (no g_idx).
+
+Layouts as in ``kernels/hessian.py``: ``"in_out"`` (W [K, N], ONNX MatMul) or ``"out_in"`` (W [N, K],
+Gemm ``transB=1``). Results follow the given layout: ``q`` like W, ``scales`` and ``zero_points``
+[k_blocks, N] (in_out) or [N, k_blocks] (out_in), ``k_blocks = ceil(K / block_size)`` — the last
+block may be partial. Deterministic: float64 throughout, scales rounded to float32 before use so
+that the integers dequantize in ONNX Runtime to the values the solver assumed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from modelpress.kernels.hessian import Layout, _to_in_out, inverse_hessian_cholesky, reconstruction_error
+
+# Rows per lazy-batch update (rounded to a multiple of block_size so no block straddles two).
+LAZY_ROWS = 128
+
+
+class BlockQuantized(NamedTuple):
+    q: np.ndarray  # uint8 integers in [0, 2^bits), the weight's layout
+    scales: np.ndarray  # float32, one per (block, output)
+    zero_points: np.ndarray  # uint8, same shape as scales
+
+
+def block_params(rows: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32 values, as float64) and zero point per output of one block ``rows`` [rows, N]."""
+    maxq = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    if symmetric:
+        peak = rows[np.argmax(np.abs(rows), axis=0), np.arange(rows.shape[1])]
+        scale = peak / -half
+        zero = np.full(rows.shape[1], half, dtype=np.float64)
+    else:
+        low = np.minimum(rows.min(axis=0), 0.0)
+        high = np.maximum(rows.max(axis=0), 0.0)
+        scale = (high - low) / maxq
+        safe = np.where(scale != 0, scale, 1.0)
+        zero = np.clip(np.rint(-low / safe), 0, maxq)
+    scale = np.where(np.abs(scale) >= 1e-30, scale, 1.0).astype(np.float32)  # all-zero blocks
+    return scale.astype(np.float64), zero
+
+
+def _round(row: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int) -> np.ndarray:
+    return np.clip(np.rint(row / scale) + zero, 0, maxq)
+
+
+def _check(bits: int, block_size: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+
+def _result(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, layout: Layout) -> BlockQuantized:
+    q, scales, zeros = q.astype(np.uint8), scales.astype(np.float32), zeros.astype(np.uint8)
+    if layout == "out_in":
+        q, scales, zeros = q.T, scales.T, zeros.T
+    return BlockQuantized(np.ascontiguousarray(q), np.ascontiguousarray(scales), np.ascontiguousarray(zeros))
+
+
+def rtn_quantize(
+    weight: np.ndarray, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, layout: Layout = "in_out"
+) -> BlockQuantized:
+    """Round each weight to the nearest level of its block's grid (no calibration data)."""
+    _check(bits, block_size)
+    w = np.asarray(_to_in_out(weight, layout), dtype=np.float64)
+    n_in, n_out = w.shape
+    blocks = -(-n_in // block_size)
+    q = np.empty(w.shape)
+    scales, zeros = np.empty((blocks, n_out)), np.empty((blocks, n_out))
+    for b in range(blocks):
+        rows = w[b * block_size : (b + 1) * block_size]
+        scales[b], zeros[b] = block_params(rows, bits, symmetric)
+        q[b * block_size : (b + 1) * block_size] = _round(rows, scales[b], zeros[b], (1 << bits) - 1)
+    return _result(q, scales, zeros, layout)
+
+
+def gptq_quantize(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+    damp: float = 0.01,
+    act_order: bool = False,
+    layout: Layout = "in_out",
+) -> BlockQuantized:
+    """GPTQ: quantize ``weight`` so that ``||X W - X Ŵ||²`` stays small, ``hessian = X^T X`` [K, K].
+
+    Inputs never active in the calibration data (``diag(H) == 0``) get zero weights, which leaves
+    the calibration outputs unchanged. ``damp`` is relative to ``mean(diag(H))``.
+    """
+    _check(bits, block_size)
+    w = np.array(_to_in_out(weight, layout), dtype=np.float64, copy=True)
+    n_in, n_out = w.shape
+    if hessian.shape != (n_in, n_in):
+        raise ValueError(f"the Hessian is {hessian.shape}, the weight has {n_in} inputs ({layout})")
+    maxq = (1 << bits) - 1
+    blocks = -(-n_in // block_size)
+    h = np.asarray(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    w[dead] = 0.0
+    scales, zeros = np.zeros((blocks, n_out)), np.zeros((blocks, n_out))
+    if act_order:
+        order = np.argsort(-np.diag(h), kind="stable")
+        for b in range(blocks):  # static groups: the block layout must not depend on the order
+            scales[b], zeros[b] = block_params(w[b * block_size : (b + 1) * block_size], bits, symmetric)
+        w, h = w[order], h[np.ix_(order, order)]
+    else:
+        order = np.arange(n_in)
+    upper, _ = inverse_hessian_cholesky(h, damp)
+    q = np.empty(w.shape)
+    lazy = max(block_size, LAZY_ROWS // block_size * block_size)
+    for i1 in range(0, n_in, lazy):
+        i2 = min(i1 + lazy, n_in)
+        chunk = w[i1:i2].copy()
+        u_chunk = upper[i1:i2, i1:i2]
+        errors = np.empty_like(chunk)
+        for i in range(i2 - i1):
+            row = order[i1 + i]
+            b = row // block_size
+            if not act_order and row % block_size == 0:
+                scales[b], zeros[b] = block_params(chunk[i : i + block_size], bits, symmetric)
+            q[i1 + i] = _round(chunk[i], scales[b], zeros[b], maxq)
+            restored = (q[i1 + i] - zeros[b]) * scales[b]
+            err = (chunk[i] - restored) / u_chunk[i, i]
+            chunk[i:] -= np.outer(u_chunk[i, i:], err)  # row i itself becomes ``restored``
+            errors[i] = err
+        if i2 < n_in:
+            w[i2:] -= upper[i1:i2, i2:].T @ errors  # lazy batch update of the later rows
+    if act_order:
+        q[order] = q.copy()
+    return _result(q, scales, zeros, layout)
+
+
+def dequantize_blocks(quantized: BlockQuantized, block_size: int, *, layout: Layout = "in_out") -> np.ndarray:
+    """The float32 weights ``(q - zero_point) * scale`` that a quantized layer computes with."""
+    q, scales, zeros = quantized
+    if layout == "out_in":
+        q, scales, zeros = q.T, scales.T, zeros.T
+    expand = np.arange(q.shape[0]) // block_size
+    w = (q.astype(np.float32) - zeros[expand].astype(np.float32)) * scales[expand]
+    return np.ascontiguousarray(w if layout == "in_out" else w.T)
+
+
+def output_error(weight: np.ndarray, quantized: BlockQuantized, block_size: int, hessian: np.ndarray, *,
+                 layout: Layout = "in_out") -> float:
+    """Relative output error ``||X(W - Ŵ)||² / ||XW||²`` of a quantized layer, from ``H`` alone."""
+    restored = dequantize_blocks(quantized, block_size, layout=layout)
+    return reconstruction_error(weight, restored, hessian, layout=layout)
