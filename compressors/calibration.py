@@ -17,6 +17,7 @@ weight is stored — the facts a layer-wise solver (SparseGPT, Wanda, GPTQ) need
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -327,7 +328,7 @@ def plan_rounds(layers: Sequence[LinearLayer], rounds: int | str) -> list[list[L
     if not groups:
         return []
     bounds = np.linspace(0, len(groups), count + 1).round().astype(int)
-    return [[layer for g in groups[a:b] for layer in g] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [[layer for g in groups[a:b] for layer in g] for a, b in itertools.pairwise(bounds)]
 
 
 def _attr(node: ir.Node, name: str, default=0):

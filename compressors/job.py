@@ -14,7 +14,15 @@ from pathlib import Path
 
 from modelpress.compressors import benchmark, data as data_io
 from modelpress.compressors.errors import InputError
-from modelpress.compressors.model import check_output_path, load_model, normalize, save_model, to_bytes, write_atomic
+from modelpress.compressors.model import (
+    check_output_path,
+    fits_in_protobuf,
+    load_model,
+    normalize,
+    save_model,
+    to_bytes,
+    write_atomic,
+)
 from modelpress.compressors.pipeline import PassContext, run_encode, run_passes
 from modelpress.compressors.recipe import BenchmarkSettings, Gates, Recipe, load_recipe
 from modelpress.compressors.report import Report, Side, evaluate_gates
@@ -88,11 +96,11 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     model = load_model(request.model)
     quirks = normalize(model)
     calibration, evaluation = load_datasets(request.model, request, seed)
-    search_notes: list[str] = []
+    job_notes: list[str] = []
     if recipe.search is not None:
         from modelpress.compressors.search import run as search_run
 
-        recipe, calibration, evaluation, search_notes = search_run.prepare(recipe, request, calibration, evaluation, seed)
+        recipe, calibration, evaluation, job_notes = search_run.prepare(recipe, request, calibration, evaluation, seed)
     elif request.search_dir is not None or request.resume:
         raise InputError("--search-dir and --resume need a recipe with a search: block (e.g. --recipe auto)")
     benchmark.preflight(request.model, evaluation)
@@ -115,17 +123,23 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         search = search_run.run_search(model, recipe, context, calibration, evaluation, encoder, model_size(request.model),
                                        request.search_dir, request.resume, progress)
         passes = search.passes + passes
-        search_notes += search.notes
+        job_notes += search.notes
 
     model, records = run_passes(model, passes, on_start=lambda p: progress(f"{p.stage}: {p.name}", 0, 1))
-    onnx_bytes = to_bytes(model)
     packed_bytes = None
-    if encoder is not None:
-        progress(f"encode: {encoder.name}", 0, 1)
-        packed_bytes, record = run_encode(onnx_bytes, encoder, [r.name for r in records])
-        records.append(record)
-
-    write_atomic(onnx_bytes, request.output) if len(onnx_bytes) < 2**31 - 1 else save_model(model, request.output)
+    if fits_in_protobuf(model):
+        onnx_bytes = to_bytes(model)
+        if encoder is not None:
+            progress(f"encode: {encoder.name}", 0, 1)
+            packed_bytes, record = run_encode(onnx_bytes, encoder, [r.name for r in records])
+            records.append(record)
+        write_atomic(onnx_bytes, request.output)
+        output_size = len(onnx_bytes)
+    else:  # > 2 GiB: weights go to OUT.onnx.data, written tensor by tensor
+        save_model(model, request.output)
+        output_size = model_size(request.output)
+        if encoder is not None:
+            job_notes.append(f"encode/{encoder.name} skipped: the .mpk format holds models under 2 GiB")
     if packed_bytes is not None:
         write_atomic(packed_bytes, packed)
 
@@ -136,8 +150,8 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     else:
         before = after = None
     original = _side(before, original_size)
-    compressed = _side(after, len(onnx_bytes))
-    compressed.shipped_size_bytes = len(packed_bytes) if packed_bytes is not None else len(onnx_bytes)
+    compressed = _side(after, output_size)
+    compressed.shipped_size_bytes = len(packed_bytes) if packed_bytes is not None else output_size
     notes = list(quirks)
     if evaluation.labels is None:
         notes.append("no labels in the data: accuracy is reported as fidelity to the original model")
@@ -145,7 +159,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         notes.append("no --data: inputs were synthesized from the model signature; accuracy is not measured")
     elif request.eval_data is None and recipe.search is None:
         notes.append("the same data calibrated and evaluated (pass --eval-data for a held-out measurement)")
-    notes += search_notes
+    notes += job_notes
     return Report(
         model=str(request.model),
         recipe=recipe.source,

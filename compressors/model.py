@@ -184,11 +184,15 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> None:
         raise
 
 
+def fits_in_protobuf(model: ir.Model) -> bool:
+    """Whether the weights leave room to serialize the model as one protobuf (< 2 GiB)."""
+    return sum(v.const_value.nbytes for _, v in iter_weights(model)) < EXTERNAL_DATA_THRESHOLD
+
+
 def save_model(model: ir.Model, path: str | os.PathLike) -> None:
     """Save atomically; models too large for one protobuf get ``<name>.data`` beside them."""
     path = Path(path)
-    total = sum(v.const_value.nbytes for _, v in iter_weights(model))
-    if total < EXTERNAL_DATA_THRESHOLD:
+    if fits_in_protobuf(model):
         write_atomic(to_bytes(model), path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)

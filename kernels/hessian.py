@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-
 from modelpress.kernels.sparsity import drop_smallest, group_mask, nm_mask
 
 Layout = Literal["in_out", "out_in"]
@@ -117,7 +116,7 @@ def sparsegpt_prune(
             pruned = np.zeros(block.shape, dtype=bool)
         else:
             # Exact cumulative count: the block's share keeps the total at round(sparsity·size).
-            count = int(round(sparsity * i2 * n_out)) - dropped
+            count = round(sparsity * i2 * n_out) - dropped
             pruned = ~drop_smallest(block**2 / d_block**2, count)
             dropped += count
         for i in range(i2 - i1):

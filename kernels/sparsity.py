@@ -48,7 +48,7 @@ def group_mask(scores: np.ndarray, sparsity: float, axis: int) -> np.ndarray:
     ``axis=0`` (each column is one output), for a torch/Gemm-transB weight [out, in] ``axis=1``.
     """
     moved = np.moveaxis(np.asarray(scores), axis, -1)
-    drop = int(round(sparsity * moved.shape[-1]))
+    drop = round(sparsity * moved.shape[-1])
     keep = np.ones(moved.shape, dtype=bool)
     if drop > 0:
         order = np.argsort(moved, axis=-1, kind="stable")[..., :drop]

@@ -17,8 +17,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import Field, model_validator
-
 from modelpress.compressors.calibration import (
     CrossGram,
     Gram,
@@ -31,8 +29,13 @@ from modelpress.compressors.calibration import (
 )
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
-from modelpress.kernels.hessian import correct_input_error, reconstruction_error, sparsegpt_prune
+from modelpress.kernels.hessian import (
+    correct_input_error,
+    reconstruction_error,
+    sparsegpt_prune,
+)
 from modelpress.kernels.sparsity import magnitude_mask, nm_mask
+from pydantic import Field, model_validator
 
 PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}  # at most N nonzeros in every M consecutive inputs
 
@@ -57,10 +60,6 @@ class LayerwiseConfig(WeightFilterConfig):
     @property
     def nm(self) -> tuple[int, int] | None:
         return PATTERNS.get(self.pattern)
-
-    @property
-    def target(self) -> float:
-        return (self.nm[1] - self.nm[0]) / self.nm[1] if self.nm else self.sparsity
 
 
 class LayerwisePrune(Pass):

@@ -16,11 +16,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field
-
 from modelpress.compressors.calibration import ColumnNorms, Reduction
 from modelpress.compressors.prune.sparsegpt import LayerwiseConfig, LayerwisePrune
 from modelpress.kernels.hessian import wanda_mask
+from pydantic import Field
 
 
 class WandaConfig(LayerwiseConfig):

@@ -32,7 +32,12 @@ from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import to_bytes, write_atomic
 from modelpress.compressors.report import Side, _finite, evaluate_gates
 from modelpress.compressors.search.allocate import Option, frontier, pareto, probe_index
-from modelpress.compressors.search.sensitivity import Config, Proxy, Workbench, group_rows
+from modelpress.compressors.search.sensitivity import (
+    Config,
+    Proxy,
+    Workbench,
+    group_rows,
+)
 from modelpress.compressors.search.space import QUALITY_GATES, layer_groups
 
 JOURNAL = "journal.jsonl"
@@ -280,25 +285,28 @@ class Search:
                     "seconds": time.perf_counter() - started}
         original = Side(self.original_size, _latency(before), before.metrics)
         compressed = Side(len(onnx_bytes), _latency(after), after.metrics, shipped_size_bytes=shipped)
-        gates = [self._with_margin(g, after.metrics) for g in evaluate_gates(self.gates, original, compressed)]
+        measured = evaluate_gates(self.gates, original, compressed)
+        judged = [self._with_margin(g, after.metrics) for g in measured]
         objective = {"size": len(onnx_bytes), "shipped_size": shipped}.get(self.space.objective)
         return {
-            "passed": all(g.passed for g in gates),
-            "miss": sum(_shortfall(g) for g in gates),
+            "passed": all(g.passed for g in judged),
+            "miss": sum(_shortfall(g) for g in judged),
             "objective": objective if objective is not None else compressed.latency_ms["p50"],
-            "quality": _quality(gates),
+            "quality": _quality(measured),
             "size_bytes": len(onnx_bytes),
             "shipped_size_bytes": shipped,
             "latency_ms": None if compressed.latency_ms is None else compressed.latency_ms["p50"],
             "metrics": {k: round(v, 6) for k, v in after.metrics.items()},
             "original_metrics": before.metrics,
-            "gates": [{"name": g.name, "limit": g.limit, "value": g.value, "passed": g.passed, "note": g.note} for g in gates],
+            "gates": [{"name": g.name, "limit": g.limit, "value": m.value, "passed": g.passed, "note": g.note}
+                      for g, m in zip(judged, measured)],
             "error": None,
             "seconds": time.perf_counter() - started,
         }
 
     def _with_margin(self, gate, metrics: dict[str, float]):
-        """The gate as the search judges it: a count-based gate must hold by ``margin`` standard errors.
+        """The gate as the search judges it (``value`` moved by the margin): a count-based gate must hold
+        by ``margin`` standard errors.
         The winner of many comparisons on a few hundred samples is otherwise chosen partly by their
         noise, and misses the gate on new data. The standard error of an accuracy drop or an
         agreement, measured on n samples of which d changed prediction, is at most sqrt(d) / n."""
@@ -336,7 +344,7 @@ class Search:
         best = self.best
         return {
             "objective": self.space.objective,
-            "constraint": {name: getattr(self.gates, name) for name in QUALITY_GATES if getattr(self.gates, name) is not None},
+            "constraint": self.gates.model_dump(exclude_none=True),
             "passed": bool(best and best["passed"]),
             "stopped": self.stopped,
             "layer_groups": len(self.groups),

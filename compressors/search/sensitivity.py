@@ -24,11 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from modelpress.compressors import benchmark
 from modelpress.compressors.data import Dataset, Feed
 from modelpress.compressors.model import to_bytes
-from modelpress.compressors.pipeline import EncodePass, Pass, PassContext, PassRecord, run_passes
+from modelpress.compressors.pipeline import (
+    EncodePass,
+    Pass,
+    PassContext,
+    PassRecord,
+    run_passes,
+)
 from modelpress.compressors.search.space import Choice, LayerGroup, with_tensors
 
 Config = Mapping[str, str]  # group name -> choice name; a group left out keeps its weights
@@ -77,7 +82,7 @@ class Workbench:
         built: list[Pass] = []
         for name, choice in self.choices.items():
             for step in choice.steps if name in tensors else ():
-                built.append(PASSES[step.stage][step.type](with_tensors(step, tensors[name]), self.context))
+                built.append(PASSES[step.stage][step.name](with_tensors(step, tensors[name]), self.context))
         return built
 
     def apply(self, config: Config) -> tuple[ir.Model, list[PassRecord]]:

@@ -16,12 +16,22 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Annotated, Any, Literal
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from functools import cache
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from modelpress.compressors.pipeline import PassConfig
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+if TYPE_CHECKING:  # recipe.py imports this module to validate the search: block
+    from modelpress.compressors.recipe import PassSpec
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 QUALITY_GATES = ("max_accuracy_drop", "min_cosine", "min_agreement")
@@ -33,18 +43,9 @@ PRESET_HELP = (
 
 
 @dataclass(frozen=True)
-class Step:
-    """One pass of a choice: registry stage and type, and its validated config (no include yet)."""
-
-    stage: str
-    type: str
-    config: PassConfig
-
-
-@dataclass(frozen=True)
 class Choice:
     name: str
-    steps: tuple[Step, ...]
+    steps: tuple[PassSpec, ...]  # each pass's validated config, before the search sets its include
 
     @property
     def identity(self) -> bool:
@@ -73,7 +74,7 @@ def _choice_item(value: Any) -> str | ChoiceSpec:
     if isinstance(value, ChoiceSpec):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"a choice is a preset name ({PRESET_HELP}) or a mapping {{name, passes}}")
+        raise ValueError(f"a choice is a preset name ({PRESET_HELP}) or a mapping {{name, passes}}")  # noqa: TRY004 — pydantic reports ValueError
     try:
         return ChoiceSpec.model_validate(value)
     except ValidationError as exc:
@@ -187,7 +188,7 @@ def resolve_choice(item: str | ChoiceSpec) -> Choice:
     return _resolve_preset(item)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _resolve_preset(name: str) -> Choice:
     if name in IDENTITY:
         return Choice(name, ())
@@ -207,7 +208,8 @@ def _resolve_preset(name: str) -> Choice:
     return Choice(name, tuple(steps))
 
 
-def _step(entry: dict[str, Any], stage: str | None = None) -> Step:
+def _step(entry: dict[str, Any], stage: str | None = None) -> PassSpec:
+    from modelpress.compressors.recipe import PassSpec
     from modelpress.compressors.registry import PASSES
     from modelpress.compressors.selection import WeightFilterConfig
 
@@ -218,7 +220,7 @@ def _step(entry: dict[str, Any], stage: str | None = None) -> Step:
         raise ValueError(f"{kind!r} is not a registered prune or quantize pass; valid: {valid}")
     cls = PASSES[stages[0]][kind]
     if not issubclass(cls.config_cls, WeightFilterConfig):
-        raise ValueError(f"pass {kind!r} does not select weights by name, so it cannot be chosen per layer group")
+        raise ValueError(f"pass {kind!r} does not select weights by name, so it cannot be chosen per layer group")  # noqa: TRY004
     fields = {k: v for k, v in entry.items() if k != "type"}
     if "include" in fields:
         raise ValueError(f"{kind}: `include` is set by the search to the group's tensors; use the group's globs")
@@ -227,16 +229,16 @@ def _step(entry: dict[str, Any], stage: str | None = None) -> Step:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ValueError(f"{kind}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    return Step(stages[0], kind, config)
+    return PassSpec(stages[0], kind, config)
 
 
-def _one_per_stage(steps: tuple[Step, ...], name: str) -> None:
+def _one_per_stage(steps: tuple[PassSpec, ...], name: str) -> None:
     stages = [s.stage for s in steps]
     if len(set(stages)) != len(stages):
         raise ValueError(f"choice {name!r} has two {max(stages, key=stages.count)} passes; one per stage")
 
 
-def with_tensors(step: Step, tensors: list[str]) -> PassConfig:
+def with_tensors(step: PassSpec, tensors: list[str]) -> PassConfig:
     """The step's config restricted to exactly ``tensors`` (names escaped so no glob matches more).
     The search already applied its own ``min_elements``; a pass's default one is lifted so the choice
     covers the whole group, unless the choice set it on purpose."""

@@ -123,3 +123,23 @@ def test_checker_failure_is_reported():
     model.graph.node(0).op_type = "NoSuchOp"
     with pytest.raises(ValueError, match="onnx.checker rejects|cannot load"):
         check_model(model)
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, tiny_model_path, monkeypatch):
+    """Above the protobuf limit weights go to OUT.onnx.data; the threshold is lowered to test it."""
+    import onnxruntime as ort
+
+    import modelpress.compressors.model as model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    model = load_model(tiny_model_path)
+    assert not model_io.fits_in_protobuf(model)
+    out = tmp_path / "big.onnx"
+    save_model(model, out)
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 128 * 4
+    assert out.stat().st_size < 2000
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(tiny_model_path), providers=["CPUExecutionProvider"])
+    x = {"input": np.ones((2, 64), np.float32)}
+    assert np.array_equal(session.run(None, x)[0], reference.run(None, x)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "tiny.onnx"]  # no temp leftovers

@@ -5,11 +5,15 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from conftest import REPO, tiny_mlp, zoo
-from onnx import TensorProto, helper, numpy_helper
-
+from conftest import REPO, tiny_mlp
 from modelpress.compressors.calibration import ColumnNorms, CrossGram, Gram, capture
-from modelpress.compressors.model import check_model, iter_weights, load_model, normalize, to_bytes
+from modelpress.compressors.model import (
+    check_model,
+    iter_weights,
+    load_model,
+    normalize,
+    to_bytes,
+)
 from modelpress.compressors.pipeline import PassContext, run_passes
 from modelpress.compressors.prune.magnitude import MagnitudeConfig, MagnitudePrune
 from modelpress.compressors.prune.sparsegpt import SparseGPTConfig, SparseGPTPrune
@@ -18,6 +22,7 @@ from modelpress.compressors.recipe import load_recipe
 from modelpress.compressors.registry import PASSES
 from modelpress.kernels.hessian import sparsegpt_prune
 from modelpress.kernels.sparsity import nm_mask
+from onnx import TensorProto, helper, numpy_helper
 
 
 def correlated(rows, k, seed=0):
@@ -241,7 +246,7 @@ def test_shipped_sparse_50_recipe_runs(tmp_path, calib):
     recipe = load_recipe(str(REPO / "configs" / "sparse-50.yaml"))
     passes, encoder = recipe.build(PassContext(calibration=calib))
     assert encoder is None and [p.name for p in passes] == ["sparsegpt"]
-    model, records = run_passes(load(tmp_path, tiny_mlp()), passes)
+    _, records = run_passes(load(tmp_path, tiny_mlp()), passes)
     assert records[0].stats["per_tensor"] == {"w1": 0.5, "w2": 0.5}
     assert recipe.gates.max_accuracy_drop == 0.01
 

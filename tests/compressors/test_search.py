@@ -9,15 +9,20 @@ import random
 import numpy as np
 import onnx
 import pytest
-
+from conftest import tiny_mlp
 from modelpress.compressors.errors import InputError, RecipeError
 from modelpress.compressors.job import CompressRequest, compress
 from modelpress.compressors.recipe import load_recipe, parse_recipe
 from modelpress.compressors.search import run as search_run
-from modelpress.compressors.search.allocate import Option, Point, cheapest_within, frontier, pareto, probe_index
+from modelpress.compressors.search.allocate import (
+    Option,
+    Point,
+    cheapest_within,
+    frontier,
+    pareto,
+    probe_index,
+)
 from modelpress.compressors.search.space import resolve_choice
-
-from conftest import tiny_mlp
 
 FAST = {"runs": 2, "warmup": 0}
 CHOICES = "fp32, int8, kmeans4, kmeans2, sparse50+kmeans4"
@@ -62,7 +67,7 @@ def test_frontier_solves_small_knapsacks_exactly():
                   for _ in range(rng.randint(1, 4))]
         points = frontier(groups)
         assert [p.loss for p in points] == sorted(p.loss for p in points)
-        assert all(a.cost > b.cost for a, b in zip(points, points[1:]))
+        assert all(a.cost > b.cost for a, b in itertools.pairwise(points))
         combos = list(itertools.product(*groups))
         for budget in [rng.random() * len(groups) for _ in range(5)] + [0.0, 1e9]:
             feasible = [sum(o.cost for o in c) for c in combos if sum(o.loss for o in c) <= budget + 1e-12]
@@ -157,7 +162,7 @@ def test_ctrl_c_returns_the_best_so_far(tmp_path, wide_mlp, monkeypatch):
         return original(self, config)
 
     monkeypatch.setattr(search_run.Search, "_evaluate", interrupted)
-    report, search = _search(tmp_path, wide_mlp)
+    _, search = _search(tmp_path, wide_mlp)
     assert search["stopped"] == "interrupted" and search["evaluations"] == 2
     assert search["chosen"]["config"] in calls and (tmp_path / "out.onnx").exists()
 
@@ -209,9 +214,8 @@ def test_auto_on_the_digits_mlp_beats_uniform_int8(tmp_path, zoo_models, digits_
 
 
 def test_cli_search_dir_and_resume(tmp_path, wide_mlp):
-    from typer.testing import CliRunner
-
     from modelpress.cli.main import app
+    from typer.testing import CliRunner
 
     model, data = wide_mlp
     recipe = tmp_path / "r.yaml"

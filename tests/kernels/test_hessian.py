@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from modelpress.kernels.hessian import (
     correct_input_error,
     reconstruction_error,
@@ -10,7 +9,12 @@ from modelpress.kernels.hessian import (
     wanda_mask,
     wanda_scores,
 )
-from modelpress.kernels.sparsity import drop_smallest, group_mask, magnitude_mask, nm_mask
+from modelpress.kernels.sparsity import (
+    drop_smallest,
+    group_mask,
+    magnitude_mask,
+    nm_mask,
+)
 
 
 def correlated_inputs(rows: int, n_in: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +51,7 @@ def reference_obs(w, h, *, sparsity=0.5, n_zero=0, m=0, blocksize=4, percdamp=0.
         elif not m and i % blocksize == 0:
             end = min(i + blocksize, n_in)
             scores = np.stack([saliency(j) for j in range(i, end)])
-            count = int(round(sparsity * end * w.shape[1])) - dropped
+            count = round(sparsity * end * w.shape[1]) - dropped
             dropped += count
             flat = np.argsort(scores.ravel(), kind="stable")[:count]
             pruned[i:end].ravel()[flat] = True  # i:end is a contiguous view
