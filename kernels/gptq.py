@@ -36,6 +36,9 @@ import numpy as np
 
 from modelpress.kernels.hessian import Layout, _to_in_out, inverse_hessian_cholesky, reconstruction_error
 
+# ``search``: range shrink factors tried, from 1 down to MIN_SHRINK.
+MIN_SHRINK = 0.75
+SHRINK_STEPS = 11
 # Rows per lazy-batch update (rounded to a multiple of block_size so no block straddles two).
 LAZY_ROWS = 128
 
@@ -46,22 +49,38 @@ class BlockQuantized(NamedTuple):
     zero_points: np.ndarray  # uint8, same shape as scales
 
 
-def block_params(rows: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32 values, as float64) and zero point per output of one block ``rows`` [rows, N]."""
+def block_params(rows: np.ndarray, bits: int, symmetric: bool, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32 values, as float64) and zero point per output of one block ``rows`` [rows, N].
+
+    ``search``: also try ranges shrunk by up to ``1 - MIN_SHRINK`` and keep, per output, the one
+    with the least squared rounding error (clipping a rare large weight can pay at 4 bits).
+    """
     maxq = (1 << bits) - 1
     half = 1 << (bits - 1)
     if symmetric:
         peak = rows[np.argmax(np.abs(rows), axis=0), np.arange(rows.shape[1])]
-        scale = peak / -half
-        zero = np.full(rows.shape[1], half, dtype=np.float64)
+        low, high = peak, peak  # only the signed peak matters
     else:
         low = np.minimum(rows.min(axis=0), 0.0)
         high = np.maximum(rows.max(axis=0), 0.0)
-        scale = (high - low) / maxq
-        safe = np.where(scale != 0, scale, 1.0)
-        zero = np.clip(np.rint(-low / safe), 0, maxq)
-    scale = np.where(np.abs(scale) >= 1e-30, scale, 1.0).astype(np.float32)  # all-zero blocks
-    return scale.astype(np.float64), zero
+    best = None
+    for shrink in np.linspace(1.0, MIN_SHRINK, SHRINK_STEPS) if search else (1.0,):
+        if symmetric:
+            scale = peak * shrink / -half
+            zero = np.full(rows.shape[1], half, dtype=np.float64)
+        else:
+            scale = (high - low) * shrink / maxq
+            zero = np.clip(np.rint(-low * shrink / np.where(scale != 0, scale, 1.0)), 0, maxq)
+        scale = np.where(np.abs(scale) >= 1e-30, scale, 1.0).astype(np.float32).astype(np.float64)
+        if not search:
+            return scale, zero
+        error = np.sum(((_round(rows, scale, zero, maxq) - zero) * scale - rows) ** 2, axis=0)
+        if best is None:
+            best = (error, scale, zero)
+        else:
+            better = error < best[0]
+            best = (np.where(better, error, best[0]), np.where(better, scale, best[1]), np.where(better, zero, best[2]))
+    return best[1], best[2]
 
 
 def _round(row: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int) -> np.ndarray:
