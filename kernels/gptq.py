@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from modelpress.kernels.hessian import Layout, _to_in_out, inverse_hessian_cholesky, reconstruction_error
+from modelpress.kernels.quant import pack_bits
 
 # ``search``: range shrink factors tried, from 1 down to MIN_SHRINK.
 MIN_SHRINK = 0.75
@@ -102,7 +103,8 @@ def _result(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, layout: Layout
 
 
 def rtn_quantize(
-    weight: np.ndarray, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, layout: Layout = "in_out"
+    weight: np.ndarray, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, search: bool = False,
+    layout: Layout = "in_out",
 ) -> BlockQuantized:
     """Round each weight to the nearest level of its block's grid (no calibration data)."""
     _check(bits, block_size)
@@ -113,23 +115,45 @@ def rtn_quantize(
     scales, zeros = np.empty((blocks, n_out)), np.empty((blocks, n_out))
     for b in range(blocks):
         rows = w[b * block_size : (b + 1) * block_size]
-        scales[b], zeros[b] = block_params(rows, bits, symmetric)
+        scales[b], zeros[b] = block_params(rows, bits, symmetric, search)
         q[b * block_size : (b + 1) * block_size] = _round(rows, scales[b], zeros[b], (1 << bits) - 1)
     return _result(q, scales, zeros, layout)
 
 
+class PreparedHessian(NamedTuple):
+    """What GPTQ needs of a Hessian, computed once for every layer that reads the same input."""
+
+    order: np.ndarray  # the order rows are quantized in
+    act_order: bool  # order by decreasing diag(H) (block scales then come from the original weights)
+    upper: np.ndarray  # upper Cholesky factor of the damped inverse Hessian, in that order
+    dead: np.ndarray  # inputs never active in the calibration data (their weights become 0)
+
+
+def prepare_hessian(hessian: np.ndarray, damp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """Factor ``H`` for ``gptq_quantize`` (``act_order``: rows by decreasing ``diag(H)``)."""
+    h = np.asarray(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"the Hessian must be square, got shape {h.shape}")
+    dead = np.diag(h) == 0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    upper, _ = inverse_hessian_cholesky(h[np.ix_(order, order)] if act_order else h, damp)
+    return PreparedHessian(order, act_order, upper, dead)
+
+
 def gptq_quantize(
     weight: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | PreparedHessian,
     *,
     bits: int = 4,
     block_size: int = 32,
     symmetric: bool = True,
     damp: float = 0.01,
     act_order: bool = False,
+    search: bool = False,
     layout: Layout = "in_out",
 ) -> BlockQuantized:
-    """GPTQ: quantize ``weight`` so that ``||X W - X Ŵ||²`` stays small, ``hessian = X^T X`` [K, K].
+    """GPTQ: quantize ``weight`` so that ``||X W - X Ŵ||²`` stays small, ``hessian = X^T X`` [K, K]
+    (or its ``prepare_hessian``, which then fixes ``damp`` and ``act_order``).
 
     Inputs never active in the calibration data (``diag(H) == 0``) get zero weights, which leaves
     the calibration outputs unchanged. ``damp`` is relative to ``mean(diag(H))``.
@@ -137,22 +161,19 @@ def gptq_quantize(
     _check(bits, block_size)
     w = np.array(_to_in_out(weight, layout), dtype=np.float64, copy=True)
     n_in, n_out = w.shape
-    if hessian.shape != (n_in, n_in):
-        raise ValueError(f"the Hessian is {hessian.shape}, the weight has {n_in} inputs ({layout})")
+    if not isinstance(hessian, PreparedHessian):
+        hessian = prepare_hessian(hessian, damp, act_order)
+    order, act_order, upper, dead = hessian
+    if upper.shape != (n_in, n_in):
+        raise ValueError(f"the Hessian is {upper.shape}, the weight has {n_in} inputs ({layout})")
     maxq = (1 << bits) - 1
     blocks = -(-n_in // block_size)
-    h = np.asarray(hessian, dtype=np.float64)
-    dead = np.diag(h) == 0
     w[dead] = 0.0
     scales, zeros = np.zeros((blocks, n_out)), np.zeros((blocks, n_out))
     if act_order:
-        order = np.argsort(-np.diag(h), kind="stable")
         for b in range(blocks):  # static groups: the block layout must not depend on the order
-            scales[b], zeros[b] = block_params(w[b * block_size : (b + 1) * block_size], bits, symmetric)
-        w, h = w[order], h[np.ix_(order, order)]
-    else:
-        order = np.arange(n_in)
-    upper, _ = inverse_hessian_cholesky(h, damp)
+            scales[b], zeros[b] = block_params(w[b * block_size : (b + 1) * block_size], bits, symmetric, search)
+        w = w[order]
     q = np.empty(w.shape)
     lazy = max(block_size, LAZY_ROWS // block_size * block_size)
     for i1 in range(0, n_in, lazy):
@@ -164,7 +185,7 @@ def gptq_quantize(
             row = order[i1 + i]
             b = row // block_size
             if not act_order and row % block_size == 0:
-                scales[b], zeros[b] = block_params(chunk[i : i + block_size], bits, symmetric)
+                scales[b], zeros[b] = block_params(chunk[i : i + block_size], bits, symmetric, search)
             q[i1 + i] = _round(chunk[i], scales[b], zeros[b], maxq)
             restored = (q[i1 + i] - zeros[b]) * scales[b]
             err = (chunk[i] - restored) / u_chunk[i, i]
@@ -192,3 +213,42 @@ def output_error(weight: np.ndarray, quantized: BlockQuantized, block_size: int,
     """Relative output error ``||X(W - Ŵ)||² / ||XW||²`` of a quantized layer, from ``H`` alone."""
     restored = dequantize_blocks(quantized, block_size, layout=layout)
     return reconstruction_error(weight, restored, hessian, layout=layout)
+
+
+# --------------------------------------------------------------------------- storage layouts
+
+
+def matmulnbits_arrays(quantized: BlockQuantized, block_size: int, bits: int, *, layout: Layout = "in_out"):
+    """``MatMulNBits`` inputs: B uint8 [N, k_blocks, block_size·bits/8] (K padded to whole blocks
+    with the zero level), scales [N, k_blocks] and zero points packed to [N, ceil(k_blocks·bits/8)]."""
+    q, scales, zeros = quantized
+    if layout == "in_out":
+        q, scales, zeros = q.T, scales.T, zeros.T
+    n, k = q.shape
+    blocks = scales.shape[1]
+    padded = np.full((n, blocks * block_size), 1 << (bits - 1), np.uint8)
+    padded[:, :k] = q
+    return pack_bits(padded.reshape(n, blocks, block_size), bits), np.ascontiguousarray(scales), pack_bits(zeros, bits)
+
+
+def folded_arrays(quantized: BlockQuantized, block_size: int, bits: int, symmetric: bool, *, layout: Layout = "in_out"):
+    """The integers and parameters shaped so that ``(q - zero_point) * scale`` broadcasts block-wise:
+    q [k_blocks, block_size, N] with parameters [k_blocks, 1, N] (``in_out``), or [N, k_blocks,
+    block_size] with [N, k_blocks, 1] (``out_in``), the input axis zero-padded to whole blocks; 2-D
+    q with [1, N] / [N, 1] parameters when one block spans the axis. Symmetric integers are stored
+    signed (``q - 2^(bits-1)``, zero points None), others unsigned; int4 as ml_dtypes' 4-bit types."""
+    import ml_dtypes
+
+    q, scales, zeros = quantized
+    axis = 0 if layout == "in_out" else 1
+    blocks, (rows, cols) = scales.shape[axis], q.shape
+    signed = q.astype(np.int16) - (1 << (bits - 1)) if symmetric else q
+    int_type = {4: (ml_dtypes.uint4, ml_dtypes.int4), 8: (np.uint8, np.int8)}[bits][int(symmetric)]
+    if blocks == 1:
+        shape = (1, cols) if axis == 0 else (rows, 1)
+        return signed.astype(int_type), scales.reshape(shape), None if symmetric else zeros.reshape(shape).astype(int_type)
+    padding = [(0, 0), (0, 0)]
+    padding[axis] = (0, blocks * block_size - q.shape[axis])
+    blocked = np.pad(signed, padding).reshape((blocks, block_size, cols) if axis == 0 else (rows, blocks, block_size))
+    shape = (blocks, 1, cols) if axis == 0 else (rows, blocks, 1)
+    return blocked.astype(int_type), scales.reshape(shape), None if symmetric else zeros.reshape(shape).astype(int_type)
