@@ -162,14 +162,16 @@ def test_subgraph_weights_fall_back_to_rtn_and_skips_are_explained(feeds):
     other = helper.make_graph([helper.make_node("Identity", ["e"], ["o"])], "else", [],
                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
     nodes = [helper.make_node("Gather", ["tied", "ids"], ["e"]),
-             helper.make_node("MatMul", ["tied", "w_small"], ["unused"]),
+             helper.make_node("Reshape", ["e", "rows"], ["e2"]),
+             helper.make_node("Gemm", ["e2", "tied"], ["logits"], transB=1),  # an LM head tied to the table
+             helper.make_node("MatMul", ["e", "w_small"], ["small"]),
              helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", TOKENS]),
                      helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("unused", TensorProto.FLOAT, None)],
-        initializer=[tied, numpy_helper.from_array(rng.normal(size=(K, 2)).astype(np.float32), "w_small")])
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "logits", "small")],
+        initializer=[tied, numpy_helper.from_array(rng.normal(size=(K, 2)).astype(np.float32), "w_small"),
+                     numpy_helper.from_array(np.array([-1, K], np.int64), "rows")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with_flag = [dict(f, flag=np.array(True)) for f in feeds]
     result = quantize(proto, with_flag)
@@ -180,7 +182,7 @@ def test_subgraph_weights_fall_back_to_rtn_and_skips_are_explained(feeds):
     assert "tied" in reasons["tied"] and "min_elements" in reasons["w_small"]
     ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], with_flag[0])[0]
     out = ort.InferenceSession(to_bytes(result.model), providers=["CPUExecutionProvider"]).run(["y"], with_flag[0])[0]
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.1  # int4 RTN of Gaussian weights: ~8 %
 
 
 def test_padding_rows_left_out_of_the_hessian():
