@@ -62,9 +62,9 @@ from modelpress.compressors.calibration import Gram, capture, linear_layers, pla
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import ensure_opset, opset_version
 from modelpress.compressors.pipeline import Pass, PassResult
-from modelpress.compressors.quantize.int8 import (  # graph helpers shared with the int8 pass
-    _const, _float_attr, _inferred_shapes, _initializer, _initializer_bytes, _int_attr, _latency_feed, _Names,
-    _replace_output)
+from modelpress.compressors.quantize.graph_edits import (
+    Names, const, float_attr, initializer, initializer_bytes, int_attr, replace_output)
+from modelpress.compressors.quantize.ort_probe import inferred_shapes, latency_feed
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
 from modelpress.kernels import gptq as kernel
 from modelpress.kernels.quant import pack_bits
@@ -143,7 +143,7 @@ class Int4Quantize(Pass):
             raise ValueError("the int4 pass with method: gptq needs calibration data: run with --data "
                              "(an .npz of model inputs), or set method: rtn")
         notes: list[str] = []
-        bytes_before = _initializer_bytes(model)
+        bytes_before = initializer_bytes(model)
         shapes = self._shapes(model, feeds, notes)
         targets, skipped = self._select(model, shapes, contrib_only=False)
         if opset_version(model) < INT4_OPSET and any(
@@ -159,10 +159,10 @@ class Int4Quantize(Pass):
                 contrib_only = True
             targets, skipped = self._select(model, shapes, contrib_only)  # values of the new model
         fallback = self._solve(model, targets)
-        names = _Names(model)
+        names = Names(model)
         for target in targets:
             _emit(model, target, config, names)
-        bytes_after = _initializer_bytes(model)
+        bytes_after = initializer_bytes(model)
         solved = [t.figures for t in targets if "rtn_output_error" in t.figures]
         stats: dict[str, Any] = {
             "method": config.method, "bits": config.bits, "block_size": config.block_size,
@@ -194,7 +194,7 @@ class Int4Quantize(Pass):
             except InputError as exc:
                 notes.append(f"activation shapes unknown ({exc}): every weight folded")
                 return {}
-        return _inferred_shapes(proto, _latency_feed(model, feeds[0]))
+        return inferred_shapes(proto, latency_feed(model, feeds[0]))
 
     def _select(self, model: ir.Model, shapes, contrib_only: bool) -> tuple[list[_Target], list[dict[str, str]]]:
         """The tensors to quantize with each consumer's form, and every float matrix left alone."""
@@ -221,7 +221,7 @@ class Int4Quantize(Pass):
         config: Int4Config = self.config
         if config.embeddings == "keep":
             return "Gather table, and embeddings: keep"
-        if any(_int_attr(u.node, "axis") % 2 for u in value.uses()):
+        if any(int_attr(u.node, "axis") % 2 for u in value.uses()):
             return "Gather along axis 1 (per-row scales need axis 0)"
         bits, row = (4 if config.embeddings == "int4" else 8), value.const_value.shape[1]
         form = "gather" if bits == 4 and contrib_only else "folded"
@@ -231,7 +231,7 @@ class Int4Quantize(Pass):
 
     def _linear(self, value: ir.Value, shapes, contrib_only: bool, targets: list[_Target]) -> str | None:
         config: Int4Config = self.config
-        layouts = {"out_in" if _int_attr(u.node, "transB") else "in_out" for u in value.uses()}
+        layouts = {"out_in" if int_attr(u.node, "transB") else "in_out" for u in value.uses()}
         if len(layouts) > 1:
             return "shared by Gemm nodes with different transB (two layouts)"
         forms = {}
@@ -335,10 +335,10 @@ def _nbits_blocker(node: ir.Node) -> str | None:
     """Why a consumer cannot become MatMulNBits, or None."""
     if node.op_type != "Gemm":
         return None
-    if _int_attr(node, "transA"):
+    if int_attr(node, "transA"):
         return "Gemm with transA=1 (MatMulNBits takes A as it is)"
     c = node.inputs[2] if len(node.inputs) > 2 else None
-    bias = _const(c) if c is not None else np.zeros(1)
+    bias = const(c) if c is not None else np.zeros(1)
     n = node.outputs[0].shape[-1] if node.outputs[0].shape is not None else None
     if bias is None or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or (
             isinstance(n, int) and bias.size not in (1, n)):
@@ -349,13 +349,13 @@ def _nbits_blocker(node: ir.Node) -> str | None:
 # --------------------------------------------------------------------------- graph edits
 
 
-def _emit(model: ir.Model, target: _Target, config: Int4Config, names: _Names) -> None:
+def _emit(model: ir.Model, target: _Target, config: Int4Config, names: Names) -> None:
     """Replace ``target``'s float initializer by its quantized form at every consumer."""
     value, graph = target.value, target.value.graph
     made: list[ir.Value] = []
 
     def add(suffix: str, array: np.ndarray, graph: ir.Graph = graph) -> ir.Value:
-        made.append(_initializer(graph, names(f"{value.name}_{suffix}"), array))
+        made.append(initializer(graph, names(f"{value.name}_{suffix}"), array))
         return made[-1]
 
     folded, nbits = None, {}
@@ -379,7 +379,7 @@ def _emit(model: ir.Model, target: _Target, config: Int4Config, names: _Names) -
         model.ir_version = max(model.ir_version or 0, INT4_IR_VERSION)
 
 
-def _folded(target: _Target, config: Int4Config, add, names: _Names) -> ir.Value:
+def _folded(target: _Target, config: Int4Config, add, names: Names) -> ir.Value:
     """``Cast(q) [- Cast(zero point)] * scale`` [-> Reshape -> Slice], constants only: ORT folds it
     when the session loads, so the consumer runs its fp32 kernel."""
     q, scale, zero = kernel.folded_arrays(target.result, target.block, target.bits, config.symmetric,
@@ -414,7 +414,7 @@ def _to_matmulnbits(node: ir.Node, nbits: dict, target: _Target, config: Int4Con
         nbits.update(B=add("nbits", b), scales=scales.astype(target.value.const_value.dtype.numpy()),
                      zeros=None if config.symmetric else add("nbits_zp", zeros), N=b.shape[0])
     graph, bias, c = node.graph, None, None
-    alpha = _float_attr(node, "alpha") if node.op_type == "Gemm" else 1.0
+    alpha = float_attr(node, "alpha") if node.op_type == "Gemm" else 1.0
     if alpha != 1.0:
         scale = add("alpha_scale", (nbits["scales"] * alpha).astype(nbits["scales"].dtype), graph)
     else:
@@ -424,7 +424,7 @@ def _to_matmulnbits(node: ir.Node, nbits: dict, target: _Target, config: Int4Con
     if node.op_type == "Gemm":
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             c = node.inputs[2]
-            row = _const(c).reshape(-1) * np.float32(_float_attr(node, "beta"))
+            row = const(c).reshape(-1) * np.float32(float_attr(node, "beta"))
             bias = add("bias", np.broadcast_to(row, (nbits["N"],)).astype(nbits["scales"].dtype), graph)
     inputs = [node.inputs[0], nbits["B"], scale, nbits["zeros"], None, bias]
     while inputs[-1] is None:
@@ -434,7 +434,7 @@ def _to_matmulnbits(node: ir.Node, nbits: dict, target: _Target, config: Int4Con
              "accuracy_level": config.accuracy_level}
     new = ir.node("MatMulNBits", inputs, attrs, domain="com.microsoft")
     graph.insert_before(node, new)
-    _replace_output(node, new.outputs[0])
+    replace_output(node, new.outputs[0])
     if c is not None and c.is_initializer() and not c.uses() and not c.is_graph_output():
         c.graph.initializers.pop(c.name)  # the Gemm's C now lives in the bias
 
@@ -449,4 +449,4 @@ def _to_gather_block(node: ir.Node, target: _Target, config: Int4Config, add) ->
     attrs = {"bits": 4, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
     new = ir.node("GatherBlockQuantized", inputs, attrs, domain="com.microsoft")
     node.graph.insert_before(node, new)
-    _replace_output(node, new.outputs[0])
+    replace_output(node, new.outputs[0])
