@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from modelpress.compressors.data import Dataset, Feed
 from modelpress.compressors.errors import InputError, ModelpressError
+from modelpress.compressors.fidelity import OutputFidelity
 
 ModelSource = bytes | str | os.PathLike
 Progress = Callable[[str, int, int], None]
@@ -273,12 +274,6 @@ def _predictions(output: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _rows(output: np.ndarray) -> np.ndarray:
-    """Per-sample rows: the first axis is the sample; rank < 2 outputs are one row."""
-    array = output.astype(np.float64, copy=False)
-    return array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
-
-
 class _Accuracy:
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -303,53 +298,6 @@ class _Accuracy:
 
     def value(self) -> float:
         return self.correct / self.total if self.total else float("nan")
-
-
-class _Fidelity:
-    """The compressed model's first output against the original's, accumulated feed by feed."""
-
-    def __init__(self):
-        self.cosines: list[np.ndarray] = []
-        self.agree = self.compared = 0
-        self.abs_sum = 0.0
-        self.abs_max = 0.0
-        self.elements = 0
-        self.argmax_measurable = True
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray, where: str) -> None:
-        if reference.shape != candidate.shape:
-            raise ModelpressError(
-                f"{where}: the compressed model's output has shape {list(candidate.shape)}, "
-                f"the original's {list(reference.shape)}"
-            )
-        a, b = _rows(reference), _rows(candidate)
-        dot = np.einsum("ij,ij->i", a, b)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cosine = np.where(both_zero, 1.0, np.where(norms > 0, dot / np.where(norms > 0, norms, 1), 0.0))
-        self.cosines.append(cosine)
-        diff = np.abs(a - b)
-        if diff.size:
-            self.abs_sum += float(diff.sum())
-            self.abs_max = max(self.abs_max, float(diff.max()))
-            self.elements += diff.size
-        ref_pred, cand_pred = _predictions(reference), _predictions(candidate)
-        if ref_pred is None:
-            self.argmax_measurable = False
-        else:
-            self.agree += int(np.count_nonzero(ref_pred == cand_pred))
-            self.compared += ref_pred.size
-
-    def values(self) -> dict[str, float]:
-        cosines = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
-        metrics = {}
-        if self.argmax_measurable and self.compared:
-            metrics["agreement"] = self.agree / self.compared
-        metrics["cosine"] = float(cosines.mean()) if cosines.size else float("nan")
-        metrics["max_abs_error"] = self.abs_max
-        metrics["mean_abs_error"] = self.abs_sum / self.elements if self.elements else 0.0
-        return metrics
 
 
 # --------------------------------------------------------------------------- entry points
@@ -380,9 +328,10 @@ def compare(
     Latency: the latency feed (one sample when the batch axis is dynamic) run ``warmup`` times on
     each model, then ``runs`` times each, interleaved. Metrics over every feed, on ``output`` (the
     first output by default): ``accuracy`` for each model when the dataset has labels; for the
-    compressed model against the original ``agreement`` (argmax over the last axis, or equality
-    of integer outputs), ``cosine`` (mean over samples of the cosine of flattened per-sample
-    outputs, the first axis being the sample), ``max_abs_error`` and ``mean_abs_error``.
+    compressed model against the original (see ``fidelity``): ``agreement`` of the decisions
+    (argmax of [N, classes] scores, or integer outputs; not for feature outputs of rank >= 3),
+    ``cosine`` (mean over samples of the cosine of each sample's output, padded positions left out)
+    and ``worst_cosine``, ``max_abs_error`` and ``mean_abs_error``.
 
     A failure of the original on the data is an InputError; of the compressed model, a
     ModelpressError.
@@ -402,7 +351,7 @@ def compare(
     index = _output_index(reference, output)
     output_name = reference.get_outputs()[index].name
     accuracy = [_Accuracy(dataset) for _ in range(2)] if dataset.labels is not None else None
-    fidelity = _Fidelity()
+    fidelity = OutputFidelity()
     for i, feed in enumerate(dataset.feeds):
         where = f"{dataset.source} feed {i}"
         with _blame_data(original, where):
@@ -414,7 +363,12 @@ def compare(
                 cand_out = _run(candidate, feed, index, where)
             if accuracy:
                 accuracy[1].add(i, cand_out, output_name)
-            fidelity.add(ref_out, cand_out, where)
+            if ref_out.shape != cand_out.shape:
+                raise ModelpressError(
+                    f"{where}: the compressed model's output has shape {list(cand_out.shape)}, "
+                    f"the original's {list(ref_out.shape)}"
+                )
+            fidelity.add(ref_out, cand_out, feed)
         progress("evaluating", i + 1, len(dataset.feeds))
 
     feed, samples = dataset.latency_feed()

@@ -84,6 +84,10 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# The cosine a feature-output model must keep when a max_accuracy_drop gate cannot be measured.
+FEATURE_GATE_COSINE = 0.99
+
+
 def evaluate_gates(gates: Gates, original: Side, compressed: Side) -> list[GateResult]:
     """Compare each gate set in the recipe with the measured numbers."""
     results: list[GateResult] = []
@@ -92,11 +96,22 @@ def evaluate_gates(gates: Gates, original: Side, compressed: Side) -> list[GateR
         if "accuracy" in original.metrics and "accuracy" in compressed.metrics:
             drop = original.metrics["accuracy"] - compressed.metrics["accuracy"]
             note = ""
-        else:
+        elif "agreement" in compressed.metrics:
             # Without labels the honest proxy is how often the prediction changed.
-            drop = 1.0 - compressed.metrics.get("agreement", 0.0)
+            drop = 1.0 - compressed.metrics["agreement"]
             note = "no labels: measured as 1 - agreement with the original"
-        results.append(GateResult("max_accuracy_drop", gates.max_accuracy_drop, round(drop, 6), drop <= gates.max_accuracy_drop, note))
+        else:
+            drop = None
+        if drop is not None:
+            results.append(GateResult("max_accuracy_drop", gates.max_accuracy_drop, round(drop, 6), drop <= gates.max_accuracy_drop, note))
+        elif gates.min_cosine is None:
+            # Feature outputs (e.g. token embeddings) and no labels: there is no decision whose change
+            # could be counted, so the gate is judged on the outputs' cosine instead (as the search does).
+            cosine = compressed.metrics.get("cosine")
+            note = (f"no labels and the output holds features, not class scores: max_accuracy_drop judged as "
+                    f"cosine >= {FEATURE_GATE_COSINE} (set --min-cosine to choose)")
+            results.append(GateResult("min_cosine", FEATURE_GATE_COSINE, cosine,
+                                      cosine is not None and cosine >= FEATURE_GATE_COSINE, note))
     for name, metric in (("min_cosine", "cosine"), ("min_agreement", "agreement")):
         limit = getattr(gates, name)
         if limit is not None:

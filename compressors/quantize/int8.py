@@ -35,9 +35,15 @@ Where it pays is decided by
   (interleaved rounds), keeping kernels at least ``MIN_OP_SPEEDUP`` faster: adapts to the CPU, but
   timing noise can change the result from run to run.
 
-The whole model is then checked against the input model on the calibration feeds: top-1 agreement
-and cosine of the outputs, and (``never_slower``) latency. When a check fails the int8 kernels are
-dropped again (static first, then all), down to weight-only, which runs the input model's kernels.
+Before the dynamic kernels are emitted, activations that come out of a normalization layer have
+their outlier channels' scale migrated into the weights (``smoothing``, SmoothQuant): a dynamic
+kernel quantizes its whole input with one scale, which those outliers would otherwise set.
+
+The whole model is then checked against the input model on the calibration feeds (see
+``compressors.fidelity``): for class scores, top-1 agreement and per-sample cosine; for feature
+outputs such as token embeddings, per-sample cosine with padded positions left out; and
+(``never_slower``) latency. When a check fails the int8 kernels are dropped again (static first,
+then all), down to weight-only, which runs the input model's kernels.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, ensure_opset, iter_graphs, normalize, opset_version, to_bytes
 from modelpress.compressors.pipeline import Feed, Pass, PassResult
 from modelpress.compressors.quantize.graph_edits import Names, fold_batchnorm, initializer_bytes
+from modelpress.compressors.quantize import smoothing
 from modelpress.compressors.quantize.int8_emit import apply_plan
 from modelpress.compressors.quantize.int8_place import (
     Target, Use, mark_kernel_candidates, micro_model, rule_prefers_kernel, select_targets, signature, static_output)
@@ -111,7 +118,17 @@ class Int8Config(WeightFilterConfig):
     min_agreement: float = Field(
         0.995, ge=0.0, le=1.0, description="top-1 agreement with the input model needed to keep int8 kernels"
     )
-    min_cosine: float = Field(0.999, ge=-1.0, le=1.0, description="output cosine needed to keep int8 kernels")
+    min_cosine: float = Field(
+        0.999, ge=-1.0, le=1.0, description="mean per-sample cosine of class-score outputs needed to keep int8 kernels"
+    )
+    min_feature_cosine: float = Field(
+        0.99, ge=-1.0, le=1.0, description="the same for feature outputs (rank >= 3, e.g. token embeddings; padding "
+        "positions left out), which have no decisions to agree on",
+    )
+    smoothing: float | None = Field(
+        0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha for dynamic MatMul/Gemm fed by a "
+        "normalization layer (null: off)",
+    )
 
 
 # --------------------------------------------------------------------------- plan
@@ -132,6 +149,7 @@ class Profile:
     synthesized: bool = False
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # normalization outputs, for smoothing
     note: str | None = None
 
 
@@ -204,6 +222,7 @@ class Int8Quantize(Pass):
                 "activations": len(profile.ranges),
             },
             "decisions": decisions,
+            "smoothed": verification.pop("smoothed", []),
             "verification": verification,
             "skipped": skipped,
             "notes": notes,
@@ -240,6 +259,7 @@ class Int8Quantize(Pass):
         main_nodes = list(model.graph)
         shapes: dict[str, FirstShape] = {}
         ranges: dict[str, quant.MinMaxObserver] = {}
+        channel_max: dict[str, smoothing.ChannelAbsMax] = {}
         for target in targets:
             for use in target.uses:
                 if use.node[0] != 0 or use.op_type not in ("MatMul", "Gemm", "Conv"):
@@ -255,10 +275,14 @@ class Int8Quantize(Pass):
                 if static_possible and out is not None and not profile.synthesized:
                     for name in (activation.name, out.name):
                         ranges.setdefault(name, quant.MinMaxObserver())
+                smoothable = use.op_type in ("MatMul", "Gemm") and self.config.mode in ("auto", "dynamic")
+                if smoothable and self.config.smoothing is not None and not profile.synthesized \
+                        and smoothing.normalization_output(activation):
+                    channel_max.setdefault(activation.name, smoothing.ChannelAbsMax())
         capture_options = dict(threads=self.context.threads, progress=self.context.progress, values_per_run=CAPTURE_GROUP)
         try:
             calibration.capture(model, list(shapes.items()), [profile.latency_feed], **capture_options)
-            calibration.capture(model, list(ranges.items()), feeds, **capture_options)
+            calibration.capture(model, list(ranges.items()) + list(channel_max.items()), feeds, **capture_options)
             if self.config.calibration == "percentile":
                 histograms = {n: quant.HistogramObserver(*o.range()) for n, o in ranges.items() if o.seen}
                 calibration.capture(model, list(histograms.items()), feeds, **capture_options)
@@ -270,6 +294,7 @@ class Int8Quantize(Pass):
             profile.feeds = []
             return profile
         profile.shapes.update({n: r.shape for n, r in shapes.items() if r.shape is not None})
+        profile.channel_max = {n: r.value for n, r in channel_max.items() if r.value is not None}
         return profile
 
     # ----------------------------------------------------------------------- placement
@@ -340,7 +365,7 @@ class Int8Quantize(Pass):
         verification: dict[str, Any] = {"checked": False, "reverted": []}
         for label, source, plan in attempts:
             built = source.clone()
-            apply_plan(built, plan, profile.ranges, config)
+            verification["smoothed"] = apply_plan(built, plan, profile.ranges, config, profile.channel_max)
             if reference is None or not profile.feeds:
                 return built, plan, verification
             candidate = to_bytes(built)
@@ -378,8 +403,10 @@ def _missed(fidelity: dict[str, Any], config: Int8Config) -> str | None:
     agreement = fidelity.get("agreement")
     if agreement is not None and agreement < config.min_agreement:
         return f"top-1 agreement {agreement:.4f} < {config.min_agreement}"
-    if fidelity["cosine"] < config.min_cosine:
-        return f"output cosine {fidelity['cosine']:.5f} < {config.min_cosine}"
+    features = fidelity.get("outputs") == "features"
+    limit = config.min_feature_cosine if features else config.min_cosine
+    if fidelity["cosine"] < limit:
+        return f"{'feature' if features else 'output'} cosine {fidelity['cosine']:.5f} < {limit}"
     return None
 
 

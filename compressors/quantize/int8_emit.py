@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from modelpress.compressors.model import iter_graphs
 from modelpress.compressors.quantize.graph_edits import Names, const, float_attr, initializer, int_attr, replace_output
+from modelpress.compressors.quantize import smoothing
 from modelpress.compressors.quantize.int8_place import Target, Use, static_output
 from modelpress.kernels import quant
 
@@ -36,11 +37,16 @@ class _Stored:
     kn: ir.Value | None = None  # int8 [K, N] for dynamic uses
 
 
-def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[float, float]], config: Int8Config) -> None:
-    """Store each target as int8 and rewire its uses by their methods (in place)."""
+def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[float, float]], config: Int8Config,
+               channel_max: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Store each target as int8 and rewire its uses by their methods (in place). With
+    ``channel_max`` (per-channel max |x| of normalization outputs) and ``config.smoothing``, the
+    scales of those activations are first migrated into the weights of their dynamic MatMul/Gemm
+    (see ``smoothing``). Returns one record per migrated activation."""
     graphs = list(iter_graphs(model))
     nodes = [list(g) for g in graphs]
     names = Names(model)
+    smoothed = _migrate(graphs[0], nodes[0], targets, channel_max or {}, config, names)
     head: dict[int, list[ir.Node]] = defaultdict(list)  # nodes to prepend to each graph (weights only)
     dynamic: list[tuple[ir.Node, Use, _Stored]] = []
     static: list[tuple[ir.Node, Use, _Stored]] = []
@@ -80,6 +86,39 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
     dql_cache: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for node, use, stored in sorted(dynamic, key=lambda item: order[id(item[0])]):
         _rewrite_dynamic(node, stored, dql_cache, names)
+    return smoothed
+
+
+def _migrate(graph: ir.Graph, nodes: list[ir.Node], targets: list[Target], channel_max: dict[str, np.ndarray],
+             config: Int8Config, names: Names) -> list[dict]:
+    """SmoothQuant migration for main-graph activations whose every quantized reader is dynamic."""
+    if config.smoothing is None or not channel_max:
+        return []
+    readers: dict[str, list[tuple[ir.Node, ir.Value]]] = defaultdict(list)
+    blocked: set[str] = set()
+    for target in targets:
+        if target.graph != 0:
+            continue
+        for use in target.uses:
+            node = nodes[use.node[1]]
+            activation = node.inputs[0]
+            if activation is None or activation.name not in channel_max:
+                continue
+            if use.method != "dynamic":
+                continue  # weight-only and static readers keep reading the activation as it is
+            if len(target.uses) != 1:
+                blocked.add(activation.name)  # a weight shared elsewhere cannot take this activation's scales
+            else:
+                readers[activation.name].append((node, graph.initializers[target.name]))
+    records = []
+    for name in sorted(readers):
+        if name in blocked:
+            continue
+        activation = readers[name][0][0].inputs[0]
+        record = smoothing.migrate(graph, activation, readers[name], channel_max[name], config.smoothing, names)
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _scale_1d(stored: _Stored, names: Names) -> ir.Value:

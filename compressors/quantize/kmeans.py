@@ -6,6 +6,11 @@ after:  each such weight ``W`` becomes two initializers — ``W_kmeans_idx`` (ui
 bits <= 4) and ``W_kmeans_codebook`` (2^bits values, one codebook per channel group) — plus the
 lookup ``Cast(idx -> int32) [-> Add(group offsets)] -> Gather(codebook)``, whose output takes the
 name ``W`` and feeds the original consumers. Pruned zeros keep a dedicated, exact 0.0 entry (index 0).
+With ``vectors: true`` the float vectors around them (Gemm/Conv biases, normalization parameters
+and running statistics) are shared the same way: on a pruned, clustered model they are a large
+share of what is left. With ``min_bits`` each tensor gets the fewest bits in [min_bits, bits]
+whose clustering error stays under ``max_relative_error`` (MSE over the mean square of the
+tensor's nonzero values), so large, redundant matrices get few bits and sensitive ones more.
 
 Why this lookup: stock onnxruntime constant-folds the all-initializer Cast -> Gather chain when the
 session is created, so inference runs the same fp32 kernels as the original (measured: equal latency;
@@ -33,18 +38,37 @@ from modelpress.compressors.model import (
     opset_version,
 )
 from modelpress.compressors.pipeline import Pass, PassResult
-from modelpress.compressors.selection import WeightFilterConfig, select_weights
+from modelpress.compressors.selection import WeightFilterConfig, matches, select_weights
 from modelpress.kernels.kmeans import kmeans_1d
 
 # UINT4 tensors and Cast-21 need IR version 10 and opset 21.
 UINT4_OPSET = 21
 UINT4_IR_VERSION = 10
 
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 OpType = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"]
 
 
+# Float vectors that may be shared when ``vectors`` is on: op type -> input positions.
+# BatchNormalization's running mean/variance (3, 4) stay: the recover pass trains codebooks, and
+# torch's batch_norm refuses running statistics that require grad.
+VECTOR_INPUTS: dict[str, tuple[int, ...]] = {
+    "Gemm": (2,), "Conv": (2,), "ConvTranspose": (2,), "BatchNormalization": (1, 2),
+    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1),
+}
+# A vector's codebook (2^b floats) must stay well below its own size to be worth it.
+VECTOR_CODEBOOK_SHARE = 4
+
+
 class KMeansConfig(WeightFilterConfig):
-    bits: int = Field(5, ge=2, le=8, description="codebook of 2^bits shared values per tensor (or group)")
+    bits: int = Field(5, ge=2, le=8, description="codebook of 2^bits shared values per tensor (or group); "
+                                                  "the most bits any tensor gets when min_bits is set")
+    min_bits: int | None = Field(None, ge=1, le=8, description="per-tensor bits: the fewest in [min_bits, bits] "
+                                                                "whose error is below max_relative_error")
+    max_relative_error: float = Field(0.01, gt=0.0, lt=1.0,
+                                      description="with min_bits: MSE / mean square of the nonzero values, per tensor")
+    vectors: bool = Field(False, description="also share biases and normalization parameters (1-D float tensors)")
+    min_vector_elements: int = Field(16, ge=4, description="smaller vectors are left as they are")
     init: Literal["linear", "density"] = "linear"
     iterations: int = Field(1000, ge=0, le=100_000, description="upper bound; Lloyd stops when stable")
     keep_zero: bool = True
@@ -58,6 +82,8 @@ class KMeansConfig(WeightFilterConfig):
     def _uint4_fits(self):
         if self.index_dtype == "uint4" and self.bits > 4:
             raise ValueError(f"index_dtype uint4 holds at most 4 bits, but bits is {self.bits}")
+        if self.min_bits is not None and self.min_bits > self.bits:
+            raise ValueError(f"min_bits ({self.min_bits}) must not exceed bits ({self.bits})")
         return self
 
 
@@ -72,7 +98,10 @@ class KMeansQuantize(Pass):
         notes: list[str] = []
         candidates, skipped = self._select(model)
 
-        use_uint4 = config.index_dtype == "uint4" or (config.index_dtype == "auto" and config.bits <= 4)
+        # Under min_bits a tensor may get 4 bits or fewer even when ``bits`` is larger: uint4 is then
+        # chosen per tensor (by its own bits), after one upgrade of the model.
+        fewest = config.bits if config.min_bits is None else config.min_bits
+        use_uint4 = config.index_dtype == "uint4" or (config.index_dtype == "auto" and fewest <= 4)
         if candidates and use_uint4 and opset_version(model) < UINT4_OPSET:
             model, use_uint4 = self._upgrade_for_uint4(model, notes)
             if use_uint4:
@@ -102,7 +131,8 @@ class KMeansQuantize(Pass):
         stats = {
             "tensors_clustered": len(per_tensor),
             "bits": config.bits,
-            "index_dtype": ("uint4" if use_uint4 else "uint8") if per_tensor else None,
+            "bits_per_tensor": {name: info["bits"] for name, info in per_tensor.items()},
+            "index_dtype": _index_dtypes(per_tensor),
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "size_ratio": round(bytes_before / bytes_after, 3) if bytes_after else None,
@@ -135,7 +165,11 @@ class KMeansQuantize(Pass):
         return upgraded, True
 
     def _select(self, model: ir.Model) -> tuple[list[ir.Value], list[dict[str, str]]]:
-        return select_weights(model, set(self.config.op_types), self.config)
+        chosen, skipped = select_weights(model, set(self.config.op_types), self.config)
+        if self.config.vectors:
+            vectors, left = _select_vectors(model, self.config)
+            chosen, skipped = chosen + vectors, skipped + left
+        return chosen, skipped
 
     def _share(
         self, graph: ir.Graph, value: ir.Value, use_uint4: bool, taken: set[str], notes: list[str]
@@ -144,21 +178,18 @@ class KMeansQuantize(Pass):
         config: KMeansConfig = self.config
         name = value.name
         weights = value.const_value.numpy()
-        k = 1 << config.bits
-
-        axis = _channel_axis(value)
-        groups = config.per_channel_groups
+        is_vector = len(weights.shape) < 2
+        axis = None if is_vector else _channel_axis(value)
+        groups = 1 if is_vector else config.per_channel_groups
         if groups > 1 and axis is None:
             notes.append(f"{name}: one codebook (its consumers disagree on the channel axis)")
             groups = 1
         groups = min(groups, weights.shape[axis]) if groups > 1 else 1
 
-        codebook, indices = self._cluster(weights, groups, axis)
-        codebook = codebook.astype(weights.dtype)  # fp16/bf16 weights keep their dtype
-        restored = codebook[indices.astype(np.int64) + _group_offsets(weights.shape, groups, axis, k)]
-        mse = float(np.mean((restored.astype(np.float64) - weights.astype(np.float64)) ** 2))
+        bits, codebook, indices, mse = self._choose_bits(weights, groups, axis)
+        k = 1 << bits
 
-        if use_uint4:
+        if use_uint4 and bits <= 4:
             import ml_dtypes  # an onnx-ir dependency: numpy's dtype for packed 4-bit values
 
             index_tensor = ir.Tensor(indices.astype(ml_dtypes.uint4), name=_fresh(f"{name}_kmeans_idx", taken))
@@ -187,8 +218,8 @@ class KMeansQuantize(Pass):
         gather = ir.node("Gather", [codebook_value, flat_index], {"axis": 0}, name=f"{name}/kmeans_lookup")
         nodes.append(gather)
         looked_up = gather.outputs[0]
-        looked_up.type = value.type or ir.TensorType(value.const_value.dtype)
-        looked_up.shape = ir.Shape(weights.shape)
+        # No type/shape either: ORT infers them, and on a model pruned and clustered to a few KB
+        # one value_info per weight is ~2 % of the shipped artifact.
 
         value.replace_all_uses_with(looked_up)
         graph.initializers.pop(name)
@@ -196,6 +227,8 @@ class KMeansQuantize(Pass):
 
         info = {
             "tensor": name,
+            "bits": bits,
+            "index_dtype": "uint4" if use_uint4 and bits <= 4 else "uint8",
             "groups": groups,
             "mse": mse,
             "zeros_kept": int(weights.size - np.count_nonzero(weights)) if config.keep_zero else 0,
@@ -204,10 +237,30 @@ class KMeansQuantize(Pass):
         }
         return nodes, info
 
-    def _cluster(self, weights: np.ndarray, groups: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _choose_bits(self, weights: np.ndarray, groups: int, axis: int | None):
+        """(bits, codebook, indices, mse): fixed ``bits``, or the fewest bits meeting the error bound."""
+        config: KMeansConfig = self.config
+        top = config.bits
+        if weights.ndim < 2:  # a vector's codebook must stay well below the vector itself
+            top = max(1, min(top, int(np.log2(max(2, weights.size // VECTOR_CODEBOOK_SHARE)))))
+        low = top if config.min_bits is None else min(config.min_bits, top)
+        wide = weights.astype(np.float64)
+        nonzero = wide[wide != 0]
+        scale = float(np.mean(nonzero**2)) if nonzero.size else 0.0
+        for bits in range(low, top + 1):
+            codebook, indices = self._cluster(weights, groups, axis, bits)
+            codebook = codebook.astype(weights.dtype)  # fp16/bf16 weights keep their dtype
+            offsets = _group_offsets(weights.shape, groups, axis, 1 << bits)
+            restored = codebook[indices.astype(np.int64) + offsets].astype(np.float64)
+            mse = float(np.mean((restored - wide) ** 2)) if wide.size else 0.0
+            if bits == top or mse <= config.max_relative_error * scale:
+                return bits, codebook, indices, mse
+        raise AssertionError("unreachable: the loop returns at bits == top")
+
+    def _cluster(self, weights: np.ndarray, groups: int, axis: int | None, bits: int) -> tuple[np.ndarray, np.ndarray]:
         """One codebook per group of output channels; codebooks are concatenated, indices are local."""
         config: KMeansConfig = self.config
-        run = lambda w: kmeans_1d(w, config.bits, config.init, config.iterations, config.keep_zero)  # noqa: E731
+        run = lambda w: kmeans_1d(w, bits, config.init, config.iterations, config.keep_zero)  # noqa: E731
         if groups == 1:
             return run(weights)
         channels = weights.shape[axis]
@@ -219,6 +272,37 @@ class KMeansQuantize(Pass):
             book, indices[start:stop] = run(moved[start:stop])
             books.append(book)
         return np.concatenate(books), np.moveaxis(indices, 0, axis)
+
+
+def _index_dtypes(per_tensor: dict[str, dict[str, Any]]) -> str | None:
+    kinds = sorted({info["index_dtype"] for info in per_tensor.values()})
+    return "/".join(kinds) if kinds else None
+
+
+def _select_vectors(model: ir.Model, config: KMeansConfig) -> tuple[list[ir.Value], list[dict[str, str]]]:
+    """Float 1-D initializers used only as biases / normalization parameters (``VECTOR_INPUTS``)."""
+    chosen: list[ir.Value] = []
+    skipped: list[dict[str, str]] = []
+    for _, value in iter_weights(model):
+        tensor = value.const_value
+        if tensor.dtype not in _FLOATS or len(tensor.shape) != 1:
+            continue
+        uses = list(value.uses())
+        if not uses or any(u.node.op_type not in VECTOR_INPUTS or u.idx not in VECTOR_INPUTS[u.node.op_type]
+                           for u in uses):
+            continue  # shapes, scalars, anything read by other ops: not a parameter vector
+        name = value.name or "?"
+        if value.is_graph_input() or value.is_graph_output():
+            reason = "is a graph input or output"
+        elif not matches(name, config.include, config.exclude):
+            reason = "excluded by include/exclude globs"
+        elif tensor.size < config.min_vector_elements:
+            reason = f"vector of fewer than min_vector_elements={config.min_vector_elements} elements"
+        else:
+            chosen.append(value)
+            continue
+        skipped.append({"tensor": name, "reason": reason})
+    return chosen, skipped
 
 
 def _channel_axis(value: ir.Value) -> int | None:

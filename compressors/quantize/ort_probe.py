@@ -12,8 +12,8 @@ import onnx
 import onnx_ir as ir
 
 from modelpress.compressors import benchmark
+from modelpress.compressors.fidelity import OutputFidelity
 from modelpress.compressors.pipeline import Feed
-from modelpress.kernels import quant
 
 # Samples used to check outputs against the input model, and the largest model checked (the check
 # holds the serialized model and two sessions in memory).
@@ -83,10 +83,12 @@ def time_models(models: dict[str, bytes], feed: Feed, threads: int, rounds: int 
 
 
 def fidelity(reference: bytes, candidate: bytes, feeds: list[Feed], threads: int) -> dict[str, Any]:
-    """Top-1 agreement (outputs shaped [..., classes]) and cosine of all outputs vs the reference."""
+    """How the candidate's float outputs compare with the reference's on up to CHECK_SAMPLES samples
+    (see ``compressors.fidelity``): top-1 agreement where outputs are class scores, and the mean and
+    worst per-sample cosine (padding left out for feature outputs)."""
     ref_session, cand_session = open_session(reference, threads), open_session(candidate, threads)
-    agree, counted, samples = 0.0, 0, 0
-    dot = ref_norm = cand_norm = 0.0
+    measured = OutputFidelity()
+    samples = 0
     for feed in feeds:
         if samples >= CHECK_SAMPLES:
             break
@@ -95,23 +97,17 @@ def fidelity(reference: bytes, candidate: bytes, feeds: list[Feed], threads: int
         samples += max((len(v) for v in feed.values() if np.ndim(v) > 0), default=1)
         for r, c in zip(refs, cands):
             r, c = np.asarray(r), np.asarray(c)
-            if not np.issubdtype(r.dtype, np.floating):
-                continue
-            a = quant.agreement(r, c)
-            if a is not None:
-                rows = int(np.prod(r.shape[:-1]))
-                agree += a * rows
-                counted += rows
-            r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
-            dot += float(r64 @ c64)
-            ref_norm += float(r64 @ r64)
-            cand_norm += float(c64 @ c64)
-    norm = np.sqrt(ref_norm * cand_norm)
-    return {
-        "samples": samples,
-        "agreement": round(agree / counted, 6) if counted else None,
-        "cosine": round(float(dot / norm), 6) if norm > 0 else 1.0,
-    }
+            if np.issubdtype(r.dtype, np.floating):
+                measured.add(r, c, feed)
+    metrics = measured.values()
+    result: dict[str, Any] = {"samples": samples, "outputs": "scores" if measured.decisions else "features"}
+    if "agreement" in metrics:
+        result["agreement"] = round(metrics["agreement"], 6)
+    result["cosine"] = round(metrics["cosine"], 6) if np.isfinite(metrics["cosine"]) else 1.0
+    result["worst_cosine"] = round(metrics["worst_cosine"], 6) if np.isfinite(metrics["worst_cosine"]) else 1.0
+    if measured.masked:
+        result["padding_masked"] = True
+    return result
 
 
 def latency_feed(model: ir.Model, feed: Feed, batch: int | None = None) -> Feed:

@@ -1,0 +1,106 @@
+"""How close a compressed model's outputs are to the original's, per sample.
+
+Two kinds of outputs are told apart, because one number cannot judge both:
+
+* **scores** — float outputs of rank 2 (``[N, classes]``) and integer outputs: the argmax is a
+  decision, so top-1 ``agreement`` is measured, and the cosine of each sample's output row.
+* **features** — float outputs of rank 3 or more (token embeddings ``[N, T, D]``, feature maps):
+  an argmax over hidden features decides nothing, so there is no agreement, only the cosine of each
+  sample's output. When the feed carries a padding mask (an integer input named like ``*mask*``,
+  shaped ``[N, T]`` like the output's first two axes, holding only 0 and 1), the padded positions are
+  left out: their values are never used downstream, and int8 kernels change them the most.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+
+
+def is_features(output: np.ndarray) -> bool:
+    return output.dtype.kind == "f" and output.ndim >= 3
+
+
+def predictions(output: np.ndarray) -> np.ndarray | None:
+    """Decisions: argmax over the last axis of float scores [N, classes]; integer or bool outputs
+    already are decisions. None for features and for one score per sample."""
+    if output.dtype.kind in "biu":
+        return output
+    if output.ndim == 2:
+        return output.argmax(axis=-1)
+    return None
+
+
+def padding_mask(feed: Feed | None, output: np.ndarray) -> np.ndarray | None:
+    """The feed's padding mask for a feature output, as booleans [N, T], or None."""
+    if feed is None or not is_features(output):
+        return None
+    for name in sorted(feed):
+        array = np.asarray(feed[name])
+        if "mask" not in name.lower() or array.dtype.kind not in "biu" or array.shape != output.shape[:2]:
+            continue
+        if np.isin(array, (0, 1)).all():
+            return array.astype(bool)
+    return None
+
+
+def sample_cosines(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """The cosine of each sample's output (the first axis is the sample; a rank < 2 output is one
+    sample), over the unmasked positions only when a mask is given. Two all-zero rows count as 1."""
+    a = np.asarray(reference, np.float64)
+    b = np.asarray(candidate, np.float64)
+    if a.ndim < 2:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    if mask is not None:
+        keep = mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)).astype(np.float64)
+        a, b = a * keep, b * keep
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    dot = np.einsum("ij,ij->i", a, b)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    norms = norm_a * norm_b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(both_zero, 1.0, np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0))
+
+
+class OutputFidelity:
+    """Accumulates, feed by feed, a compressed model's output against the original's."""
+
+    def __init__(self) -> None:
+        self.cosines: list[np.ndarray] = []
+        self.agree = self.compared = 0
+        self.abs_sum = 0.0
+        self.abs_max = 0.0
+        self.elements = 0
+        self.decisions = True  # every output so far had decisions to agree on
+        self.masked = False  # a padding mask was applied
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, feed: Feed | None = None) -> None:
+        mask = padding_mask(feed, reference)
+        self.masked |= mask is not None
+        self.cosines.append(sample_cosines(reference, candidate, mask))
+        diff = np.abs(np.asarray(reference, np.float64) - np.asarray(candidate, np.float64))
+        if mask is not None:
+            diff = diff[mask]
+        if diff.size:
+            self.abs_sum += float(diff.sum())
+            self.abs_max = max(self.abs_max, float(diff.max()))
+            self.elements += diff.size
+        ref_pred, cand_pred = predictions(reference), predictions(candidate)
+        if ref_pred is None:
+            self.decisions = False
+        else:
+            self.agree += int(np.count_nonzero(ref_pred == cand_pred))
+            self.compared += ref_pred.size
+
+    def values(self) -> dict[str, float]:
+        cosines = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        metrics: dict[str, float] = {}
+        if self.decisions and self.compared:
+            metrics["agreement"] = self.agree / self.compared
+        metrics["cosine"] = float(cosines.mean()) if cosines.size else float("nan")
+        metrics["worst_cosine"] = float(cosines.min()) if cosines.size else float("nan")
+        metrics["max_abs_error"] = self.abs_max
+        metrics["mean_abs_error"] = self.abs_sum / self.elements if self.elements else 0.0
+        return metrics
