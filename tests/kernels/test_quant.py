@@ -194,3 +194,38 @@ def test_module_needs_no_onnx():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert imported <= {"numpy", "dataclasses", "__future__"}
     assert onnx  # the test itself may use onnx as a reference
+
+
+def _fake_quant_error(x: np.ndarray, low: float, high: float) -> float:
+    params = quant.activation_qparams(low, high)
+    restored = (quant.quantize(x, params).astype(np.float32) - params.zero_point.astype(np.float32)) * params.scale
+    return float(np.mean((x - restored) ** 2))
+
+
+def test_mse_range_keeps_a_uniform_range_and_clips_a_heavy_tail():
+    rng = np.random.default_rng(5)
+    uniform = rng.uniform(-3, 3, 100_000).astype(np.float32)
+    observer = quant.HistogramObserver(float(uniform.min()), float(uniform.max()))
+    observer.update(uniform)
+    low, high = observer.range("mse")
+    assert low == pytest.approx(uniform.min(), abs=0.05) and high == pytest.approx(uniform.max(), abs=0.05)
+    # A Laplace body with a long tail: clipping the tail buys finer steps for the body.
+    tailed = rng.laplace(0, 1, 200_000).astype(np.float32)
+    observer = quant.HistogramObserver(float(tailed.min()), float(tailed.max()))
+    observer.update(tailed)
+    low, high = observer.range("mse")
+    assert high < 0.9 * tailed.max()
+    assert _fake_quant_error(tailed, low, high) < 0.8 * _fake_quant_error(tailed, tailed.min(), tailed.max())
+
+
+def test_entropy_range_clips_relu_outliers_but_keeps_the_body():
+    rng = np.random.default_rng(6)
+    relu = np.maximum(rng.normal(0, 2, 200_000), 0).astype(np.float32)
+    relu[:20] = 40.0  # a few outliers would set the minmax scale
+    observer = quant.HistogramObserver(float(relu.min()), float(relu.max()))
+    observer.update(relu)
+    low, high = observer.range("entropy")
+    assert low == 0.0
+    assert np.quantile(relu, 0.999) < high < 20.0
+    body = relu[relu <= np.quantile(relu, 0.999)]  # what KL protects: the bulk, at the outliers' expense
+    assert _fake_quant_error(body, low, high) < 0.5 * _fake_quant_error(body, 0.0, 40.0)
