@@ -322,6 +322,7 @@ def compare(
     settings: BenchSettingsLike = BenchSettings(),
     progress: Progress | None = None,
     output: int | str = 0,
+    reference_outputs: list[np.ndarray] | None = None,
 ) -> tuple[ModelMeasurement, ModelMeasurement | None]:
     """Measure the original and (if given) the compressed model on the same data.
 
@@ -335,27 +336,40 @@ def compare(
 
     A failure of the original on the data is an InputError; of the compressed model, a
     ModelpressError.
+
+    ``reference_outputs``: the original's ``output`` for every feed, measured before (``run_outputs``);
+    a caller comparing many candidates with one original (the search) passes them so the original
+    is not run again. Without timing (``runs`` 0) the original's session is then not even created,
+    and its ``peak_memory_mb`` is None.
     """
     progress = progress or (lambda description, completed, total: None)
     if not dataset.feeds:
         raise InputError(f"{dataset.source}: the dataset holds no feeds")
+    if reference_outputs is not None and len(reference_outputs) != len(dataset.feeds):
+        raise ValueError(f"{len(reference_outputs)} reference outputs for {len(dataset.feeds)} feeds")
     progress("loading models", 0, 1)
-    with _blame_data(original, f"{dataset.source} feed 0"):
-        reference, reference_mb = _open_and_run(original, dataset, settings.threads, output)
+    reference = reference_mb = None
+    if reference_outputs is None or settings.runs > 0 or compressed is None:
+        with _blame_data(original, f"{dataset.source} feed 0"):
+            reference, reference_mb = _open_and_run(original, dataset, settings.threads, output)
     candidate = candidate_mb = None
     if compressed is not None:
         with _blame_compressed(compressed, "its first run"):
             candidate, candidate_mb = _open_and_run(compressed, dataset, settings.threads, output)
     progress("loading models", 1, 1)
 
-    index = _output_index(reference, output)
-    output_name = reference.get_outputs()[index].name
+    named = reference if reference is not None else candidate  # the same outputs by name
+    index = _output_index(named, output)
+    output_name = named.get_outputs()[index].name
     accuracy = [_Accuracy(dataset) for _ in range(2)] if dataset.labels is not None else None
     fidelity = OutputFidelity()
     for i, feed in enumerate(dataset.feeds):
         where = f"{dataset.source} feed {i}"
-        with _blame_data(original, where):
-            ref_out = _run(reference, feed, index, where)
+        if reference_outputs is not None:
+            ref_out = reference_outputs[i]
+        else:
+            with _blame_data(original, where):
+                ref_out = _run(reference, feed, index, where)
         if accuracy:
             accuracy[0].add(i, ref_out, output_name)
         if candidate is not None:
@@ -436,3 +450,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
     except OSError:
         pass
     return name or platform.processor() or platform.machine() or "unknown", flags
+
+
+def int8_pairs_saturate() -> bool:
+    """Does this CPU run ORT's u8 x s8 int8 kernels with AVX2's VPMADDUBSW, whose int16 sums of
+    product pairs saturate for large weights? True on x86 with AVX2 and no VNNI (avx512_vnni,
+    avx_vnni) or AMX int8 dot products; ORT's documentation advises reduced-range weights there."""
+    _, flags = _cpuinfo()
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}

@@ -10,6 +10,7 @@ from modelpress.compressors.pipeline import EncodePass, Pass, Stage
 from modelpress.compressors.prune.magnitude import MagnitudePrune
 from modelpress.compressors.prune.recover import Recover, RecoverQuantized
 from modelpress.compressors.prune.sparsegpt import SparseGPTPrune
+from modelpress.compressors.prune.structured import StructuredPrune
 from modelpress.compressors.prune.wanda import WandaPrune
 from modelpress.compressors.quantize.int4 import Int4Quantize
 from modelpress.compressors.quantize.int8 import Int8Quantize
@@ -19,6 +20,7 @@ _TABLE: list[type[Pass] | type[EncodePass]] = [
     MagnitudePrune,
     SparseGPTPrune,
     WandaPrune,
+    StructuredPrune,
     Recover,
     RecoverQuantized,
     Int8Quantize,

@@ -59,22 +59,25 @@ def broadcast_shape(param: np.ndarray, axis: int | None, ndim: int) -> tuple[int
     return tuple(shape)
 
 
-def weight_qparams(weights: np.ndarray, axis: int | None = None, symmetric: bool = True) -> QParams:
-    """int8 scale / zero point covering ``weights`` exactly (min-max), per tensor or per ``axis``."""
+def weight_qparams(weights: np.ndarray, axis: int | None = None, symmetric: bool = True, bits: int = 8) -> QParams:
+    """int8 scale / zero point covering ``weights`` exactly (min-max), per tensor or per ``axis``.
+    ``bits=7`` keeps the values in [-64, 63] ("reduce range"): u8 x s8 products of two such values
+    cannot saturate the int16 pair sums of AVX2's VPMADDUBSW on CPUs without VNNI."""
+    qmax = (1 << (bits - 1)) - 1
     w = np.asarray(weights, dtype=np.float32)
     if w.ndim == 0:
         axis = None
     axes = _reduce_axes(w.ndim, axis)
     if symmetric:
         amax = np.max(np.abs(w), axis=axes) if w.size else np.zeros(w.shape[axis] if axis is not None else ())
-        scale = np.asarray(amax, np.float32) / np.float32(INT8_MAX)
+        scale = np.asarray(amax, np.float32) / np.float32(qmax)
         zero_point = np.zeros(scale.shape, np.int8)
     else:
         lo = np.minimum(np.min(w, axis=axes), 0).astype(np.float32)
         hi = np.maximum(np.max(w, axis=axes), 0).astype(np.float32)
-        scale = (hi - lo) / np.float32(INT8_MAX - INT8_MIN)
+        scale = (hi - lo) / np.float32(2 * qmax + 1)
         safe = np.where(scale > MIN_SCALE, scale, np.float32(1))
-        zero_point = np.clip(np.rint(INT8_MIN - lo / safe), INT8_MIN, INT8_MAX).astype(np.int8)
+        zero_point = np.clip(np.rint(-qmax - 1 - lo / safe), -qmax - 1, qmax).astype(np.int8)
     scale = np.where(scale > MIN_SCALE, scale, np.float32(1)).astype(np.float32)  # all-zero channels
     return QParams(
         np.asarray(scale, np.float32), np.asarray(zero_point), None if axis is None else axis % w.ndim, narrow=symmetric
@@ -120,9 +123,10 @@ def dequantize(q: np.ndarray, params: QParams) -> np.ndarray:
     return (centred.astype(np.float32) * params.scale.reshape(shape)).astype(np.float32)
 
 
-def quantize_weights(weights: np.ndarray, axis: int | None = None, symmetric: bool = True) -> tuple[np.ndarray, QParams]:
-    """int8 weights and their parameters (per ``axis`` or per tensor)."""
-    params = weight_qparams(weights, axis, symmetric)
+def quantize_weights(weights: np.ndarray, axis: int | None = None, symmetric: bool = True,
+                     bits: int = 8) -> tuple[np.ndarray, QParams]:
+    """int8 weights and their parameters (per ``axis`` or per tensor), in ``bits`` (8 or 7)."""
+    params = weight_qparams(weights, axis, symmetric, bits)
     return quantize(weights, params), params
 
 

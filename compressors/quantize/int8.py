@@ -56,7 +56,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.compressors import calibration, data
+from modelpress.compressors import benchmark, calibration, data
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, ensure_opset, iter_graphs, normalize, opset_version, to_bytes
 from modelpress.compressors.pipeline import Feed, Pass, PassResult
@@ -66,7 +66,7 @@ from modelpress.compressors.quantize.int8_emit import apply_plan
 from modelpress.compressors.quantize.int8_place import (
     Target, Use, mark_kernel_candidates, micro_model, rule_prefers_kernel, select_targets, signature, static_output)
 from modelpress.compressors.quantize.ort_probe import (  # noqa: F401  (Timing, TIMING_ROUNDS: re-exported)
-    TIMING_ROUNDS, FirstShape, Timing, batch_of, fidelity, inferred_shapes, latency_feed, time_models)
+    TIMING_ROUNDS, FirstShape, Timing, batch_of, fidelity, inferred_shapes, latency_feed, time_models, value_errors)
 from modelpress.compressors.selection import WeightFilterConfig
 from modelpress.kernels import quant
 
@@ -84,6 +84,10 @@ SLOWER_RATIO = 1.05
 # Calibration captures this many activations per ORT run, so memory stays a few layers' worth.
 CAPTURE_GROUP = 16
 CHECK_MAX_BYTES = 512 << 20
+# Partial fallback: the shares of kernel layers (largest added error first) given back their fp32
+# kernel, in turn, when the int8 kernels miss the output check; ranked on this many samples.
+FALLBACK_SHARES = (0.25, 0.5)
+FALLBACK_SAMPLES = 8
 
 
 class Int8Config(WeightFilterConfig):
@@ -125,6 +129,10 @@ class Int8Config(WeightFilterConfig):
     min_feature_cosine: float = Field(
         0.99, ge=-1.0, le=1.0, description="the same for feature outputs (rank >= 3, e.g. token embeddings; padding "
         "positions left out), which have no decisions to agree on",
+    )
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights for int8 kernels (no u8 x s8 saturation); auto: on x86 CPUs with AVX2 "
+        "and no VNNI, as ORT documents",
     )
     smoothing: float | None = Field(
         0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha for dynamic MatMul/Gemm fed by a "
@@ -224,6 +232,7 @@ class Int8Quantize(Pass):
             },
             "decisions": decisions,
             "smoothed": verification.pop("smoothed", []),
+            "reduce_range": _reduce_range(config),
             "verification": verification,
             "skipped": skipped,
             "notes": notes,
@@ -351,7 +360,8 @@ class Int8Quantize(Pass):
         kernel_target = replace(target, graph=0, uses=[replace(use, node=(0, 0), method=use.kernel)])
         fp32_bytes = to_bytes(micro)
         int8_model = micro.clone()
-        apply_plan(int8_model, [kernel_target], profile.ranges, self.config)
+        apply_plan(int8_model, [kernel_target], profile.ranges, self.config,
+                   reduce_range=_reduce_range(self.config)["used"])
         rng = np.random.default_rng(self.context.seed)
         feed = {micro.graph.inputs[0].name: rng.standard_normal(shape).astype(np.float32)}
         timings = time_models({"fp32": fp32_bytes, "int8": to_bytes(int8_model)}, feed, self.context.threads)
@@ -362,31 +372,78 @@ class Int8Quantize(Pass):
     def _build_checked(self, attempts, profile: Profile, reference: bytes | None, decisions: list[dict[str, Any]]):
         """Build each attempt in turn (int8 kernels, then without static QDQ, then weight-only) and
         keep the first whose outputs agree with the input model and (``never_slower``) that is not
-        slower than it. Weight-only is last and always kept: it runs the input model's fp32 kernels."""
+        slower than it. When the outputs of the first attempt miss, attempts that keep the fp32
+        kernel only for the layers adding the most output error (a quarter, then half of them) come
+        first. Weight-only is last and always kept: it runs the input model's fp32 kernels."""
         config: Int8Config = self.config
         verification: dict[str, Any] = {"checked": False, "reverted": []}
-        for label, source, plan in attempts:
+        queue = list(attempts)
+        why: dict[tuple[str, str], str] = {}  # (tensor, node) -> why its kernel went, for partial fallbacks
+        partial_tried = False
+        missed = None
+        while queue:
+            label, source, plan = queue.pop(0)
             built = source.clone()
-            verification["smoothed"] = apply_plan(built, plan, profile.ranges, config, profile.channel_max)
+            verification["smoothed"] = apply_plan(built, plan, profile.ranges, config, profile.channel_max,
+                                                  _reduce_range(config)["used"])
             if reference is None or not profile.feeds:
                 return built, plan, verification
             candidate = to_bytes(built)
             agreement = fidelity(reference, candidate, profile.feeds, self.context.threads)
             verification.update(agreement, checked=True)
+            outputs_missed = _missed(agreement, config)
             if label == "weight-only":
-                return built, plan, verification
-            missed = _missed(agreement, config)
-            if missed is None and config.never_slower and config.mode == "auto":
+                outputs_missed = None
+            elif outputs_missed is None and config.never_slower and config.mode == "auto":
                 missed = self._slower(reference, candidate, profile.latency_feed, verification)
-            if missed is None:
+            else:
+                missed = outputs_missed
+            if label == "weight-only" or missed is None:
+                _settle(decisions, plan, why, missed_before=verification["reverted"])
                 return built, plan, verification
             verification["reverted"].append(f"{label}: {missed}")
-            dropped = {"static"} if label == "int8 kernels" and len(attempts) == 3 else {"static", "dynamic"}
-            for record in decisions:
-                if record["method"] in dropped:
-                    record["method"] = "weight_only"
-                    record["reason"] += f"; dropped: {missed}"
+            if outputs_missed is not None and not partial_tried:
+                partial_tried = True
+                queue[0:0] = self._partial_fallbacks(source, plan, reference, candidate, profile, verification, why)
         raise AssertionError("the weight-only attempt always returns")
+
+    def _partial_fallbacks(self, source: ir.Model, plan: list[Target], reference: bytes, candidate: bytes,
+                           profile: Profile, verification: dict[str, Any], why: dict[tuple[str, str], str]):
+        """Attempts that give the fp32 kernel back to the main-graph layers adding the most output
+        error: each layer's relative output error minus its input's (what it adds, not what it
+        inherits), measured on a few calibration samples."""
+        nodes = list(source.graph)
+        kernel_uses = [(t, u) for t in plan for u in t.uses if u.method != "weight_only" and u.node[0] == 0]
+        if len(kernel_uses) < 2:
+            return []
+        pairs = {}
+        for target, use in kernel_uses:
+            node = nodes[use.node[1]]
+            pairs[(target.name, use.node_name)] = (node.inputs[0].name, node.outputs[0].name)
+        feed = latency_feed(source, profile.feeds[0], FALLBACK_SAMPLES)
+        names = sorted({n for pair in pairs.values() for n in pair})
+        try:
+            errors = value_errors(reference, candidate, names, feed, self.context.threads)
+        except Exception:  # the ranking is an optimisation: without it, weight-only follows
+            return []
+        added = {key: errors.get(out, 0.0) - errors.get(inp, 0.0) for key, (inp, out) in pairs.items()}
+        ranked = sorted(added, key=lambda key: (-added[key], key))
+        verification["layer_added_error"] = {f"{node} ({tensor})": round(added[(tensor, node)], 5)
+                                             for tensor, node in ranked[:10]}
+        attempts, taken = [], set()
+        for share in FALLBACK_SHARES:
+            count = max(1, int(np.ceil(len(ranked) * share)))
+            if count >= len(ranked) or count in taken:
+                continue
+            taken.add(count)
+            worst = set(ranked[:count])
+            for key in worst:
+                why.setdefault(key, f"fp32 kernel kept: among the {count} layers adding the most output error "
+                                    f"({added[key]:.4f})")
+            partial = [replace(t, uses=[replace(u, method="weight_only") if (t.name, u.node_name) in worst else u
+                                        for u in t.uses]) for t in plan]
+            attempts.append((f"int8 kernels except the {count} layers adding the most error", source, partial))
+        return attempts
 
     def _slower(self, reference: bytes, candidate: bytes, feed: Feed, verification: dict[str, Any]) -> str | None:
         """Why the candidate is slower than the reference, or None. A first verdict of "slower" is
@@ -410,6 +467,29 @@ def _missed(fidelity: dict[str, Any], config: Int8Config) -> str | None:
     if fidelity["cosine"] < limit:
         return f"{'feature' if features else 'output'} cosine {fidelity['cosine']:.5f} < {limit}"
     return None
+
+
+def _settle(decisions: list[dict[str, Any]], plan: list[Target], why: dict[tuple[str, str], str],
+            missed_before: list[str]) -> None:
+    """Make the decision records say what the kept plan does, and why a kernel was given up."""
+    final = {(t.name, u.node_name): u.method for t in plan for u in t.uses}
+    for record in decisions:
+        method = final.get((record["tensor"], record["node"]))
+        if method is None or method == record["method"]:
+            continue
+        reason = why.get((record["tensor"], record["node"])) or (missed_before[-1] if missed_before else "reverted")
+        record["method"] = method
+        record["reason"] += f"; dropped: {reason}"
+
+
+def _reduce_range(config: Int8Config) -> dict[str, Any]:
+    """Whether kernel weights are 7-bit, and why (reported: the same recipe gives other bytes on
+    a CPU without VNNI)."""
+    if config.reduce_range != "auto":
+        return {"used": bool(config.reduce_range), "why": "set in the recipe"}
+    if benchmark.int8_pairs_saturate():
+        return {"used": True, "why": "AVX2 without VNNI: u8 x s8 pair sums saturate int16 (VPMADDUBSW)"}
+    return {"used": False, "why": "this CPU has int8 dot products (VNNI/AMX) or no AVX2: no saturation"}
 
 
 def _placement(config: Int8Config, kernels_wanted: bool) -> str:

@@ -38,11 +38,12 @@ class _Stored:
 
 
 def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[float, float]], config: Int8Config,
-               channel_max: dict[str, np.ndarray] | None = None) -> list[dict]:
+               channel_max: dict[str, np.ndarray] | None = None, reduce_range: bool = False) -> list[dict]:
     """Store each target as int8 and rewire its uses by their methods (in place). With
     ``channel_max`` (per-channel max |x| of normalization outputs) and ``config.smoothing``, the
     scales of those activations are first migrated into the weights of their dynamic MatMul/Gemm
-    (see ``smoothing``). Returns one record per migrated activation."""
+    (see ``smoothing``). ``reduce_range``: weights of int8 kernels in 7 bits. Returns one record
+    per migrated activation."""
     graphs = list(iter_graphs(model))
     nodes = [list(g) for g in graphs]
     names = Names(model)
@@ -58,7 +59,9 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
         transposed = all(u.method == "dynamic" and int_attr(n, "transB") for n, u in use_nodes)
         stored_w = weights.T if transposed else weights
         axis = None if target.axis is None else (1 - target.axis if transposed else target.axis)
-        q, params = quant.quantize_weights(np.asarray(stored_w, np.float32), axis, config.symmetric)
+        kernel = any(u.method in ("dynamic", "static") for u in target.uses)
+        bits = 7 if kernel and reduce_range else 8
+        q, params = quant.quantize_weights(np.asarray(stored_w, np.float32), axis, config.symmetric, bits)
         stored = _Stored(graph, target.name, value.dtype, initializer(graph, names(f"{target.name}_int8"), q),
                          params, transposed, weights.ndim)
         for node, use in use_nodes:

@@ -170,3 +170,29 @@ class FirstShape:
     def update(self, batch: np.ndarray) -> None:
         if self.shape is None:
             self.shape = tuple(int(d) for d in np.shape(batch))
+
+
+def value_errors(reference: bytes, candidate: bytes, names: list[str], feed: Feed, threads: int) -> dict[str, float]:
+    """Relative error ||c - r|| / ||r|| of each named main-graph value of the candidate against the
+    reference's value of the same name, on one feed. Values missing from either model are left out."""
+    sessions = []
+    for model_bytes in (reference, candidate):
+        proto = onnx.load_from_string(model_bytes)
+        produced = {o for node in proto.graph.node for o in node.output} | {i.name for i in proto.graph.input}
+        present = [n for n in names if n in produced]
+        outputs = {o.name for o in proto.graph.output}
+        for name in present:
+            if name not in outputs:
+                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        sessions.append((open_session(proto.SerializeToString(), threads), set(present)))
+    (ref_session, ref_names), (cand_session, cand_names) = sessions
+    wanted = sorted(ref_names & cand_names)
+    refs = ref_session.run(wanted, model_feed(ref_session, feed))
+    cands = cand_session.run(wanted, model_feed(cand_session, feed))
+    errors = {}
+    for name, r, c in zip(wanted, refs, cands):
+        r, c = np.asarray(r, np.float64), np.asarray(c, np.float64)
+        norm = np.linalg.norm(r)
+        if r.shape == c.shape and norm > 0:
+            errors[name] = float(np.linalg.norm(c - r) / norm)
+    return errors

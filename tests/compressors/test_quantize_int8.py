@@ -486,9 +486,11 @@ def test_config_is_strict():
     with pytest.raises(ValidationError):
         Int8Config(mode="qdq")
     with pytest.raises(ValidationError):
-        Int8Config(calibration="entropy")  # not implemented yet, so not accepted
+        Int8Config(calibration="kl")  # the method is called entropy
     with pytest.raises(ValidationError):
         Int8Config(op_types=("LSTM",))
+    with pytest.raises(ValidationError):
+        Int8Config(reduce_range="sometimes")
     config = Int8Config()
     assert config.mode == "auto" and config.placement == "rule" and config.per_channel and config.symmetric
     assert config.never_slower

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
@@ -125,3 +126,68 @@ def test_smoothing_cuts_dynamic_int8_error(tmp_path, post_ln):
         assert len(result.stats["smoothed"]) == (0 if alpha is None else 1)
         errors[alpha] = _relative_error(reference, _run(to_bytes(result.model), x_eval))
     assert errors[0.5] < 0.5 * errors[None], errors
+
+
+def test_reduce_range_keeps_kernel_weights_in_seven_bits(tmp_path):
+    """On AVX2 CPUs without VNNI, u8 x s8 pair sums saturate int16: kernel weights stay in [-64, 63]."""
+    path = tmp_path / "m.onnx"
+    onnx.save(ffn_block(post_ln=False), path)
+    x = _inputs(32, seed=3)
+    reference = _run(onnx.load(path).SerializeToString(), x)
+    spans = {}
+    for reduce in (False, True):
+        model = load_model(path)
+        normalize(model)
+        context = PassContext(calibration=[{"x": x}], seed=0, threads=1)
+        result = Int8Quantize(Int8Config(mode="dynamic", reduce_range=reduce), context).call(model)
+        assert result.stats["reduce_range"]["used"] is reduce
+        ints = [v.const_value.numpy() for v in result.model.graph.initializers.values()
+                if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8]
+        spans[reduce] = (min(int(a.min()) for a in ints), max(int(a.max()) for a in ints))
+        error = _relative_error(reference, _run(to_bytes(result.model), x))
+        assert error < 0.05
+    assert spans[False][1] == 127 and spans[True][0] >= -64 and spans[True][1] <= 63
+
+
+def outlier_chain(seed: int = 0) -> onnx.ModelProto:
+    """Three MatMuls; the middle one reads an activation with one channel 1000x the others, which
+    no per-tensor dynamic scale can serve: its int8 kernel alone wrecks the output."""
+    rng = np.random.default_rng(seed)
+    wa = rng.normal(0, 0.1, (D, HIDDEN)).astype(np.float32)
+    wb = rng.normal(0, 0.1, (HIDDEN, HIDDEN)).astype(np.float32)
+    wc = rng.normal(0, 0.1, (HIDDEN, D)).astype(np.float32)
+    gain = np.ones(HIDDEN, np.float32)
+    gain[7] = 1000.0
+    wb[7] /= 1000.0  # the outlier channel matters as much as any other for the product
+    tensors = [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (wb, "wb"), (wc, "wc"), (gain, "gain"))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["a"]),
+        helper.make_node("Mul", ["a", "gain"], ["a_gain"]),
+        helper.make_node("MatMul", ["a_gain", "wb"], ["b"]),
+        helper.make_node("MatMul", ["b", "wc"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", TOKENS, D])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["N", TOKENS, D])], tensors,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_output_check_gives_back_only_the_layer_that_adds_the_error(tmp_path):
+    path = tmp_path / "chain.onnx"
+    onnx.save(outlier_chain(), path)
+    x_cal, x_eval = _inputs(32, seed=4), _inputs(32, seed=5)
+    model = load_model(path)
+    normalize(model)
+    context = PassContext(calibration=[{"x": x_cal}], original=None, seed=0, threads=1)
+    result = Int8Quantize(Int8Config(mode="dynamic"), context).call(model)
+    check_model(result.model)
+    verification = result.stats["verification"]
+    assert verification["reverted"][0].startswith("int8 kernels:")  # the whole plan missed first
+    methods = {d["tensor"]: d["method"] for d in result.stats["decisions"]}
+    assert methods == {"wa": "dynamic", "wb": "weight_only", "wc": "dynamic"}
+    wb = next(d for d in result.stats["decisions"] if d["tensor"] == "wb")
+    assert "adding the most output error" in wb["reason"]
+    assert verification["cosine"] >= 0.99
+    reference = _run(onnx.load(path).SerializeToString(), x_eval)
+    assert _relative_error(reference, _run(to_bytes(result.model), x_eval)) < 0.1  # two int8 kernels left

@@ -1,0 +1,203 @@
+"""Dependency groups for structured pruning: which tensors must lose which slices together.
+
+before: a normalized ``onnx_ir.Model`` and the static shapes of its main-graph values (ONNX shape
+inference).
+after:  ``ChannelGroup``s. Each group holds the *sources* whose output channels are removed together
+(Conv with group 1, Gemm, MatMul with a constant 2-D weight), every constant slice that follows
+from removing channel ``c`` (``Edit``: a tensor, an axis and where channel ``c`` lies on it), the
+consumers whose inputs lose those channels (for activation-aware importance) and, when a group
+cannot be pruned safely, the reason.
+
+How: from every source, the positions of its channels are followed forward through the graph. The
+state on a value is (axis, offset, block, count): channel ``c`` occupies positions
+``offset + c*block .. offset + (c+1)*block - 1`` along ``axis``. Element-wise ops pass the state
+through (a constant operand with the full channel axis is sliced — biases, BatchNorm statistics);
+``Concat`` on the channel axis shifts ``offset``; ``Flatten`` of [N, C, H, W] multiplies ``block``
+by H*W; a depthwise Conv maps input to output channels; Conv/Gemm/MatMul consumers lose the matching
+input slices and end the walk. A residual ``Add``/``Mul`` of two computed values *ties* them: the
+other operand's channels must come from a source at the same positions, and the two sources are
+merged into one group (union-find), so they lose the same channels. Anything else — an unknown op, a
+graph output, a use inside an If/Loop body, a shape that is not static, a constant that is also a
+graph input — makes the group unprunable, with the reason. (A constant shared with other nodes is not
+a reason: the pruned uses get sliced copies.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from modelpress.compressors.prune.structured_walk import (
+    NeedUnit,
+    Place,
+    Source,
+    Unprunable,
+    Walker,
+    attr_value,
+    constant,
+)
+
+
+@dataclass
+class ChannelGroup:
+    sources: list[Source]
+    reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        names = ", ".join(s.label for s in self.sources)
+        unit = self.sources[0].unit
+        return f"{names} [units of {unit} channels]" if unit > 1 else names
+
+    @property
+    def count(self) -> int:
+        return self.sources[0].count
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def static_shapes(model: ir.Model) -> dict[str, list]:
+    """Main-graph value name -> dims (int, or None when not static) from ONNX shape inference."""
+    proto = ir.to_proto(model)
+    # Inference needs the weights' shapes, not their bytes: large initializers become typed graph
+    # inputs, so a model of several GB is inferred from a small proto (small ones stay: shape tensors).
+    graph = proto.graph
+    kept = [t for t in graph.initializer if int(np.prod(t.dims)) <= 64]
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in graph.initializer if int(np.prod(t.dims)) > 64)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 — inference is a help, not a requirement: values stay unknown
+        inferred = proto
+    graph = inferred.graph
+    shapes: dict[str, list] = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def find_sources(model: ir.Model, shapes: dict[str, list]) -> tuple[list[Source], list[dict[str, str]]]:
+    """Nodes whose output channels come from a constant weight, and main-graph-less ones skipped."""
+    sources: list[Source] = []
+    skipped: list[dict[str, str]] = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        found = _as_source(node)
+        if found is None:
+            continue
+        if node.graph is not model.graph:
+            skipped.append({"group": found.label, "reason": "inside an If/Loop/Scan subgraph"})
+            continue
+        sources.append(found)
+    return sources, skipped
+
+
+def _as_source(node: ir.Node) -> Source | None:
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    array = constant(weight)
+    if array is None or array.dtype.kind != "f":
+        return None
+    if node.op_type == "Conv" and attr_value(node, "group", 1) == 1 and array.ndim >= 3:
+        return Source(node, weight, 0, array.shape[0])
+    if node.op_type == "Gemm" and array.ndim == 2:
+        axis = 0 if attr_value(node, "transB", 0) else 1
+        return Source(node, weight, axis, array.shape[axis])
+    if node.op_type == "MatMul" and array.ndim == 2 and constant(node.inputs[0]) is None:
+        return Source(node, weight, 1, array.shape[1])
+    return None
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def find_groups(model: ir.Model) -> tuple[list[ChannelGroup], list[dict[str, str]]]:
+    """Every dependency group of the main graph (prunable or not) and sources skipped outright."""
+    shapes = static_shapes(model)
+    sources, skipped = find_sources(model, shapes)
+    for i, source in enumerate(sources):
+        if source.count < 2:
+            source.reason = "fewer than 2 output channels"
+            continue
+        try:
+            Walker(model, shapes, source).run()
+        except NeedUnit as exc:  # attention heads: walk again, a head at a time
+            sources[i] = source = Source(source.node, source.weight, source.weight_axis,
+                                         source.count // exc.unit, exc.unit)
+            try:
+                Walker(model, shapes, source).run()
+            except Unprunable as again:
+                source.reason = str(again)
+        except Unprunable as exc:
+            source.reason = str(exc)
+        _note_batchnorm(source)
+
+    parent = list(range(len(sources)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # Which source's channels sit where on each value: ties are resolved against this map.
+    placed: dict[tuple[str, Place], int] = {}
+    for i, source in enumerate(sources):
+        for key in source.placements:
+            placed.setdefault(key, i)
+    tie_reason: dict[int, str] = {}
+    for i, source in enumerate(sources):
+        for other, place, node_name in source.ties:
+            j = placed.get((other.name, place))
+            if j is None or sources[j].count != source.count:
+                tie_reason[i] = (f"node {node_name!r} ties these channels to {other.name!r}, whose channels do "
+                                 "not all come from one prunable layer")
+                continue
+            parent[root(i)] = root(j)
+
+    members: dict[int, list[int]] = {}
+    for i in range(len(sources)):
+        members.setdefault(root(i), []).append(i)
+    groups = []
+    for indices in members.values():
+        group = ChannelGroup([sources[i] for i in indices])
+        reasons = [sources[i].reason or tie_reason.get(i) for i in indices]
+        group.reason = next((r for r in reasons if r), None)
+        if group.reason is None:
+            group.reason = _graph_input_weight(group)
+        groups.append(group)
+    return groups, skipped
+
+
+def _graph_input_weight(group: ChannelGroup) -> str | None:
+    for source in group.sources:
+        for edit in source.edits:
+            value = edit.value
+            if value.is_graph_input() or value.is_graph_output():
+                return f"initializer {value.name!r} is also a graph input or output"
+    return None
+
+
+def _note_batchnorm(source: Source) -> None:
+    """The per-channel scale of a BatchNormalization that directly follows the source."""
+    uses = list(source.node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "BatchNormalization" or uses[0].idx != 0:
+        return
+    bn = uses[0].node
+    gamma, var = constant(bn.inputs[1]), constant(bn.inputs[4])
+    if gamma is None or var is None or source.unit != 1 or gamma.shape != (source.count,):
+        return
+    eps = attr_value(bn, "epsilon", 1e-5)
+    source.bn_scale = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
