@@ -135,7 +135,7 @@ class Int8Config(WeightFilterConfig):
         "and no VNNI, as ORT documents",
     )
     smoothing: float | None = Field(
-        0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha for dynamic MatMul/Gemm fed by a "
+        0.75, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha for dynamic MatMul/Gemm fed by a "
         "normalization layer (null: off)",
     )
 
