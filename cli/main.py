@@ -106,6 +106,10 @@ def compress(
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
     search_dir: Annotated[Optional[Path], typer.Option("--search-dir", help="Search recipes (e.g. `auto`): folder of the trial journal (journal.jsonl) and best.json.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search journaled in --search-dir without redoing finished trials.")] = False,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="Search recipes: where trials run, `local` (default) or `ray` (pip install 'modelpress[ray]').")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Search recipes: local process-pool size (default 1: in process); with ray, the CPUs of a local Ray started for the search.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Search recipes: write the trials and their Pareto front (size vs quality loss) as a PNG (pip install 'modelpress[plot]').")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join a running Ray cluster: `auto` (started with `ray start --head` on this machine) or HOST:PORT. Implies --executor ray.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
@@ -119,18 +123,27 @@ def compress(
     from modelpress.compressors.job import CompressRequest
     from modelpress.compressors.job import compress as run_compress
 
-    _check_report_paths(model, report_json, report_md)
+    _check_report_paths(model, report_json, report_md, plot)
+    if plot is not None:
+        from modelpress.compressors.search.plot import check_plotting
+
+        check_plotting()
     gates = {k: v for k, v in dict(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, min_agreement=min_agreement,
                                    min_size_ratio=min_size_ratio, max_latency_ratio=max_latency_ratio).items() if v is not None}
     bench = {k: v for k, v in dict(threads=threads, runs=runs, warmup=warmup).items() if v is not None}
     request = CompressRequest(
         model=model, recipe=recipe, output=output, data=data, eval_data=eval_data,
         shapes=parse_shape_flags(shape or []), force=force, gate_overrides=gates, bench_overrides=bench, seed=seed,
-        search_dir=search_dir, resume=resume,
+        search_dir=search_dir, resume=resume, executor=executor, workers=workers, ray_address=ray_address,
     )
     with render.progress(quiet) as progress:
         report = run_compress(request, progress=progress)
     _write_reports(report, report_json, report_md)
+    if plot is not None and report.search is not None:
+        from modelpress.compressors.model import write_atomic
+        from modelpress.compressors.search.plot import pareto_png
+
+        write_atomic(pareto_png(report.search), plot)
     render.compress_report(report, quiet=quiet)
     if not report.gates_passed:
         raise typer.Exit(EXIT_GATE)
@@ -181,7 +194,7 @@ def bench(
     dataset = data_io.load_data(data, inputs) if data else data_io.synthesize(inputs, data_io.parse_shape_flags(shape or []))
     settings = BenchmarkSettings(threads=threads, runs=runs, warmup=warmup)
     with render.progress(quiet) as progress:
-        measurement = benchmark.measure(model, dataset, settings)
+        measurement = benchmark.measure(model, dataset, settings, progress)
     result = render.bench_result(model, dataset, measurement, benchmark.environment(threads))
     if json_out is not None:
         from modelpress.compressors.report import dumps

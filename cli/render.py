@@ -36,9 +36,12 @@ def progress(quiet: bool) -> Iterator:
         tasks: dict[str, int] = {}
 
         def update(description: str, completed: int, total: int) -> None:
-            if description not in tasks:
-                tasks[description] = bar.add_task(description, total=max(total, 1))
-            bar.update(tasks[description], completed=completed, total=max(total, 1))
+            # "key\ttext": one line per key whose text changes (the search's live best-so-far line).
+            key, _, text = description.partition("\t")
+            shown = f"{key}: {text}" if text else key
+            if key not in tasks:
+                tasks[key] = bar.add_task(shown, total=max(total, 1))
+            bar.update(tasks[key], completed=completed, total=max(total, 1), description=shown)
 
         yield update
 
@@ -89,12 +92,85 @@ def compress_report(report, quiet: bool = False) -> None:
         for record in report.passes:
             passes.add_row(record["stage"], record["name"], f"{record['seconds']:.2f}", _stats_line(record["stats"]))
         out.print(passes)
+        if getattr(report, "search", None):
+            _search_tables(report.search)
+        tensors = _tensor_rows(report)
+        if tensors:
+            table = Table(title="weights (shipped: ~ = share of the compressed graph skeleton)", title_justify="left")
+            for col in TENSOR_COLUMNS:
+                table.add_column(col, justify="left" if col == "tensor" else "right")
+            for row in tensors:
+                table.add_row(*row)
+            out.print(table)
+        for record in report.passes:
+            for line in _pass_notes(record):
+                out.print(f"{record['name']}: {line}")
         for note in report.notes:
             out.print(f"note: {note}")
     for gate in report.gates:
         mark = "PASS" if gate.passed else "MISS"
         value = "n/a" if gate.value is None else f"{gate.value:.4g}"
         out.print(f"gate {gate.name}: {value} (limit {gate.limit:g}) {mark}{'  — ' + gate.note if gate.note else ''}")
+
+
+def _search_tables(search: dict) -> None:
+    """The search's trials in the order they ran, then each layer group's choice and why."""
+    size_key = "shipped_size_bytes" if search.get("objective") == "shipped_size" else "size_bytes"
+    chosen = (search.get("chosen") or {}).get("config")
+    trials = Table(title=f"search trials ({search['evaluations']} full evaluations of {search['max_evaluations']}, "
+                   f"{search['proxy_evaluations']} proxy; stopped: {search['stopped']})", title_justify="left")
+    for col in ("#", "phase", "configuration", "size", "quality loss", "result", "seconds"):
+        trials.add_column(col, justify="right" if col in ("#", "size", "quality loss", "seconds") else "left")
+    for i, trial in enumerate(search.get("trials", []), 1):
+        config = ", ".join(f"{g}={c}" for g, c in trial["config"].items())
+        verdict = "error" if trial.get("error") else ("pass" if trial["passed"] else "miss")
+        quality = "-" if trial.get("quality") is None else f"{trial['quality']:.4g}"
+        trials.add_row(str(i), trial["phase"], config[:70] + ("*" if trial["config"] == chosen else ""),
+                       _size(trial.get(size_key)), quality, verdict,
+                       "-" if trial.get("seconds") is None else f"{trial['seconds']:.1f}")
+    out.print(trials)
+    groups = Table(title="search: layer groups (* = chosen configuration above)", title_justify="left")
+    for col in ("group", "elements", "choice", "why"):
+        groups.add_column(col, justify="right" if col == "elements" else "left")
+    for row in search.get("groups", []):
+        groups.add_row(row["name"], f"{row['elements']:,}", str(row["choice"]), row["why"])
+    out.print(groups)
+
+
+TENSOR_COLUMNS = ("tensor", "original", "runnable", "shipped", "sparsity", "codebook bits", "bits/weight")
+
+
+def _tensor_rows(report) -> list[tuple[str, ...]]:
+    """The per-tensor bit-width / sparsity table, as text cells."""
+    table = report.tensor_table() if hasattr(report, "tensor_table") else []
+
+    def cell(value, fmt="{}"):
+        return "-" if value is None else fmt.format(value)
+
+    return [(row["tensor"], _size(row["original_bytes"]), _size(row["runnable_bytes"]),
+             ("~" if row.get("in_skeleton") else "") + _size(row["shipped_bytes"]),
+             cell(row["sparsity"], "{:.1%}"), cell(row["codebook_bits"]), cell(row["bits_per_weight"], "{:.3f}"))
+            for row in table]
+
+
+def _pass_notes(record: dict) -> list[str]:
+    """What a pass left undone and why: tensors left as they were (grouped by reason), int8
+    kernels given back, and the pass's own notes."""
+    stats = record.get("stats") or {}
+    lines = [str(n) for n in stats.get("notes", [])]
+    verification = stats.get("verification") or {}
+    lines += [f"reverted {r}" for r in verification.get("reverted", [])]
+    reduce_range = stats.get("reduce_range") or {}
+    if reduce_range.get("used"):
+        lines.append(f"7-bit kernel weights (reduce range): {reduce_range.get('why')}")
+    by_reason: dict[str, list[str]] = {}
+    for item in stats.get("skipped") or []:
+        if isinstance(item, dict):
+            by_reason.setdefault(str(item.get("reason", "")), []).append(str(item.get("tensor", item.get("group", "?"))))
+    for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"left as is: {shown} — {reason}")
+    return lines
 
 
 def _stats_line(stats: dict) -> str:
@@ -111,11 +187,16 @@ def report_markdown(report) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)]
     lines += ["", "| stage | pass | seconds | summary |", "|---|---|---:|---|"]
     lines += [f"| {r['stage']} | {r['name']} | {r['seconds']:.2f} | {_stats_line(r['stats'])} |" for r in report.passes]
+    tensors = _tensor_rows(report)
+    if tensors:
+        lines += ["", "| " + " | ".join(TENSOR_COLUMNS) + " |", "|---" + "|---:" * (len(TENSOR_COLUMNS) - 1) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in tensors]
     if report.gates:
         lines += ["", "| gate | limit | value | result |", "|---|---:|---:|---|"]
         lines += [f"| {g.name} | {g.limit:g} | {'n/a' if g.value is None else f'{g.value:.4g}'} | {'✅ pass' if g.passed else '❌ miss'} |" for g in report.gates]
-    if report.notes:
-        lines += [""] + [f"- {n}" for n in report.notes]
+    pass_notes = [f"- {r['name']}: {line}" for r in report.passes for line in _pass_notes(r)]
+    if report.notes or pass_notes:
+        lines += [""] + pass_notes + [f"- {n}" for n in report.notes]
     env = report.environment
     lines += ["", f"<sub>onnxruntime {env.get('onnxruntime')} · {env.get('cpu')} · {env.get('threads')} threads</sub>", ""]
     return "\n".join(lines)

@@ -48,6 +48,9 @@ class CompressRequest:
     benchmark: bool = True
     search_dir: Path | None = None  # the search's journal (recipes with a search: block)
     resume: bool = False
+    executor: str | None = None  # where search trials run: local (default) | ray
+    workers: int | None = None  # local: process-pool size (1: in process); ray: CPUs of a Ray started here
+    ray_address: str | None = None  # join this Ray cluster (`auto` or HOST:PORT); implies --executor ray
 
 
 def with_overrides(recipe: Recipe, gates: dict[str, float], bench: dict[str, int]) -> Recipe:
@@ -88,7 +91,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     if request.data is None and recipe.needs_calibration:
         from modelpress.compressors.registry import PASSES
 
-        needing = [f"{p.stage}/{p.name}" for p in recipe.passes if PASSES[p.stage][p.name].needs_calibration]
+        needing = [f"{p.stage}/{p.name}" for p in recipe.passes if PASSES[p.stage][p.name].calibrates(p.config)]
         raise InputError(
             f"{recipe.source}: {', '.join(needing)} calibrate on real inputs; pass --data with samples of them "
             "(random inputs would calibrate to the wrong ranges)"
@@ -103,6 +106,9 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         recipe, calibration, evaluation, job_notes = search_run.prepare(recipe, request, calibration, evaluation, seed)
     elif request.search_dir is not None or request.resume:
         raise InputError("--search-dir and --resume need a recipe with a search: block (e.g. --recipe auto)")
+    elif request.executor is not None or request.workers is not None or request.ray_address is not None:
+        raise InputError("--executor, --workers and --ray-address run search trials; they need a recipe with a "
+                         "search: block (e.g. --recipe auto)")
     benchmark.preflight(request.model, evaluation)
     calibration_feeds = calibration.feeds[: max(1, _feeds_for(calibration))]
     calibration_samples = sum(calibration.feed_samples[: len(calibration_feeds)])
@@ -121,7 +127,8 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     search = None
     if recipe.search is not None:  # the search chooses the prune and quantize passes
         search = search_run.run_search(model, recipe, context, calibration, evaluation, encoder, model_size(request.model),
-                                       request.search_dir, request.resume, progress)
+                                       request.search_dir, request.resume, progress,
+                                       request.executor, request.workers, request.ray_address)
         passes = search.passes + passes
         job_notes += search.notes
 

@@ -65,6 +65,11 @@ class Pass(ABC):
     # True when the pass reads ``context.original`` (the input model), e.g. as a teacher.
     needs_original: ClassVar[bool] = False
 
+    @classmethod
+    def calibrates(cls, config: PassConfig) -> bool:
+        """Does the pass, so configured, need real inputs (--data)? By default ``needs_calibration``."""
+        return cls.needs_calibration
+
     def __init__(self, config: PassConfig, context: PassContext | None = None):
         self.config = config
         self.context = context or PassContext()
@@ -85,6 +90,11 @@ class EncodePass(ABC):
     config_cls: ClassVar[type[PassConfig]]
     summary: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+
+    @classmethod
+    def calibrates(cls, config: PassConfig) -> bool:
+        """Does the pass, so configured, need real inputs (--data)? By default ``needs_calibration``."""
+        return cls.needs_calibration
 
     def __init__(self, config: PassConfig, context: PassContext | None = None):
         self.config = config

@@ -82,7 +82,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         from modelpress.compressors.registry import PASSES
 
-        return any(PASSES[s.stage][s.name].needs_calibration for s in self.passes)
+        return any(PASSES[s.stage][s.name].calibrates(s.config) for s in self.passes)
 
 
 TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "seed", "search")
@@ -211,7 +211,8 @@ def _validate(model_cls: type[BaseModel], value: Any, path: KeyPath, report):
             loc = path + tuple(error["loc"])
             if error["type"] == "extra_forbidden":
                 key = str(error["loc"][-1])
-                valid = list(model_cls.model_fields)
+                # A config nesting another (a mixed rule's `use`) names the inner valid keys in ctx.
+                valid = list(error.get("ctx", {}).get("valid_keys") or model_cls.model_fields)
                 report(loc, f"unknown key {key!r}{_did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
             else:
                 bad = f"{error['input']!r} is not valid: " if "input" in error and error["type"] != "missing" else ""

@@ -12,9 +12,11 @@ from modelpress.compressors.prune.recover import Recover, RecoverQuantized
 from modelpress.compressors.prune.sparsegpt import SparseGPTPrune
 from modelpress.compressors.prune.structured import StructuredPrune
 from modelpress.compressors.prune.wanda import WandaPrune
+from modelpress.compressors.quantize.fp16 import Fp16Quantize
 from modelpress.compressors.quantize.int4 import Int4Quantize
 from modelpress.compressors.quantize.int8 import Int8Quantize
 from modelpress.compressors.quantize.kmeans import KMeansQuantize
+from modelpress.compressors.quantize.mixed import MixedQuantize
 
 _TABLE: list[type[Pass] | type[EncodePass]] = [
     MagnitudePrune,
@@ -26,6 +28,8 @@ _TABLE: list[type[Pass] | type[EncodePass]] = [
     Int8Quantize,
     Int4Quantize,
     KMeansQuantize,
+    Fp16Quantize,
+    MixedQuantize,
     EntropyEncode,
 ]
 

@@ -136,6 +136,10 @@ class Int4Quantize(Pass):
     # The default method calibrates, so the CLI asks for --data rather than synthesizing inputs.
     needs_calibration = True
 
+    @classmethod
+    def calibrates(cls, config: Int4Config) -> bool:
+        return config.method == "gptq"  # round-to-nearest needs no inputs
+
     def call(self, model: ir.Model) -> PassResult:
         config: Int4Config = self.config
         feeds = self.context.calibration

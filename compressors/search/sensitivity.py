@@ -11,8 +11,8 @@ fails on that group gets an infinite loss and its error, so the allocation never
 the tensors of every group that took it — on a fresh copy of the model; the full evaluations and the
 final job run exactly these passes, so what was evaluated is what is written.
 
-Each proxy is independent of the others (a pure function of the group and the choice): an executor
-that runs them in parallel (Ray, a process pool) can replace the loop in ``run.py`` as it is.
+Each proxy is independent of the others (a pure function of the group and the choice), so the
+executors (``executors.py``) run them all as one parallel batch.
 """
 
 from __future__ import annotations

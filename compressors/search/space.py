@@ -118,6 +118,10 @@ class SearchSpace(BaseModel):
         "many standard errors of their measurement on the held-out samples (0: exactly as measured)",
     )
     proxy_samples: int = Field(128, ge=1, description="calibration samples the sensitivity proxy runs on")
+    parallel_evaluations: int = Field(
+        1, ge=1, le=64, description="correction moves evaluated at once (each one counts against max_evaluations); "
+        "a setting of the search, not of the executor, so every executor takes the same path",
+    )
     min_elements: int = Field(256, ge=1, description="smaller weight tensors are not searched (left as they are)")
     op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"], ...] = WEIGHT_OPS
     default_max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="the gate when none is set and the data has labels")

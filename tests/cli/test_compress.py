@@ -140,3 +140,16 @@ def test_int8_static_quantizes_every_conv_with_calibrated_ranges(tmp_path, zoo_m
     drop = report["original"]["metrics"]["accuracy"] - report["compressed"]["metrics"]["accuracy"]
     assert drop <= 0.005
     assert report["original"]["size_bytes"] / report["compressed"]["size_bytes"] >= 3.5
+
+
+def test_int4_round_to_nearest_needs_no_data(tmp_path, zoo_models):
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text("quantize:\n  - type: int4\n    method: rtn\n")
+    out = tmp_path / "out.onnx"
+    result = _run("compress", zoo_models("mlp"), "--recipe", recipe, "-o", out, "--runs", 2, "--warmup", 0, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert onnx.load(zoo_models("mlp")).ByteSize() / out.stat().st_size > 4
+    gptq = tmp_path / "gptq.yaml"
+    gptq.write_text("quantize:\n  - type: int4\n")
+    result = _run("compress", zoo_models("mlp"), "--recipe", gptq, "-o", tmp_path / "g.onnx", "--quiet")
+    assert result.exit_code == 2 and "quantize/int4" in result.output

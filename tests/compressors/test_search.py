@@ -13,7 +13,7 @@ from conftest import tiny_mlp
 from modelpress.compressors.errors import InputError, RecipeError
 from modelpress.compressors.job import CompressRequest, compress
 from modelpress.compressors.recipe import load_recipe, parse_recipe
-from modelpress.compressors.search import run as search_run
+from modelpress.compressors.search import trials as search_trials
 from modelpress.compressors.search.allocate import (
     Option,
     Point,
@@ -152,7 +152,7 @@ def test_unreachable_gate_writes_the_closest_and_reports_the_miss(tmp_path, wide
 
 
 def test_ctrl_c_returns_the_best_so_far(tmp_path, wide_mlp, monkeypatch):
-    original = search_run.Search._evaluate
+    original = search_trials.TrialRunner.evaluate
     calls = []
 
     def interrupted(self, config):
@@ -161,7 +161,7 @@ def test_ctrl_c_returns_the_best_so_far(tmp_path, wide_mlp, monkeypatch):
         calls.append(config)
         return original(self, config)
 
-    monkeypatch.setattr(search_run.Search, "_evaluate", interrupted)
+    monkeypatch.setattr(search_trials.TrialRunner, "evaluate", interrupted)
     _, search = _search(tmp_path, wide_mlp)
     assert search["stopped"] == "interrupted" and search["evaluations"] == 2
     assert search["chosen"]["config"] in calls and (tmp_path / "out.onnx").exists()
@@ -169,7 +169,7 @@ def test_ctrl_c_returns_the_best_so_far(tmp_path, wide_mlp, monkeypatch):
 
 def test_killed_search_resumes_to_the_same_configuration(tmp_path, wide_mlp, monkeypatch):
     _, whole = _search(tmp_path, wide_mlp, name="whole", search_dir=tmp_path / "whole")
-    original = search_run.Search._evaluate
+    original = search_trials.TrialRunner.evaluate
     done = []
 
     def killed(self, config):
@@ -178,16 +178,17 @@ def test_killed_search_resumes_to_the_same_configuration(tmp_path, wide_mlp, mon
         done.append(config)
         return original(self, config)
 
-    monkeypatch.setattr(search_run.Search, "_evaluate", killed)
+    monkeypatch.setattr(search_trials.TrialRunner, "evaluate", killed)
     with pytest.raises(RuntimeError, match="killed"):
         _search(tmp_path, wide_mlp, name="part", search_dir=tmp_path / "part")
     journal = (tmp_path / "part" / "journal.jsonl").read_text().splitlines()
     assert sum(json.loads(line)["kind"] == "full" for line in journal) == 3
-    monkeypatch.setattr(search_run.Search, "_evaluate", original)
+    monkeypatch.setattr(search_trials.TrialRunner, "evaluate", original)
     with pytest.raises(InputError, match="--resume"):
         _search(tmp_path, wide_mlp, name="part", search_dir=tmp_path / "part")
     _, resumed = _search(tmp_path, wide_mlp, name="part", search_dir=tmp_path / "part", resume=True)
     assert resumed["chosen"]["config"] == whole["chosen"]["config"]
+    assert (tmp_path / "part.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
     assert resumed["evaluations"] == whole["evaluations"] and resumed["evaluations_resumed"] == 3
     assert resumed["proxy_evaluations_resumed"] == whole["proxy_evaluations"]
     # Another gate is another search: the journal is not reused for it.

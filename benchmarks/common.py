@@ -1,0 +1,17 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def replace_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Replace the ``begin``..``end`` marker section of a results file (``section`` includes both
+    markers), keeping whatever else the file holds; append it when the markers are not there yet."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + section.rstrip("\n") + rest.partition(end)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
