@@ -66,3 +66,68 @@ def summarize_model(path: Path) -> dict[str, Any]:
         "tensors": tensors,
         "quirks": quirks,
     }
+
+
+def tensor_table(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's per-tensor table, from the pass statistics: for each weight tensor its original,
+    runnable and shipped bytes, sparsity and bits per weight.
+
+    Sources: prune passes' ``per_tensor`` (sparsity), the kmeans pass's ``per_tensor`` (original and
+    runnable bytes, bits, and the initializers a weight became), and the encode pass's ``per_tensor``
+    (coded bytes of each initializer it coded on its own). Tensors small enough to stay in the
+    compressed graph skeleton are charged the skeleton's compression ratio (``in_skeleton``).
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    coded: dict[str, dict[str, Any]] = {}
+    skeleton_ratio = None
+    for record in passes:
+        stats, stage = record.get("stats") or {}, record.get("stage")
+        per_tensor = stats.get("per_tensor")
+        if not isinstance(per_tensor, dict):
+            continue
+        if stage == "encode":
+            coded.update(per_tensor)
+            raw = stats.get("skeleton_raw_bytes", 0) + stats.get("table_raw_bytes", 0)
+            skeleton_ratio = stats["skeleton_bytes"] / raw if raw else None
+        elif stage == "prune":
+            for name, value in per_tensor.items():
+                sparsity = value.get("sparsity") if isinstance(value, dict) else value
+                if isinstance(sparsity, (int, float)):
+                    rows.setdefault(name, {"tensor": name})["sparsity"] = sparsity
+        elif record.get("name") == "kmeans":
+            for name, info in per_tensor.items():
+                row = rows.setdefault(name, {"tensor": name})
+                row.update(original_bytes=info["bytes_before"], runnable_bytes=info["bytes_after"],
+                           elements=info.get("elements"), codebook_bits=info.get("bits"),
+                           stored_as=info.get("stored_as", []))
+                if info.get("elements"):
+                    row.setdefault("sparsity", round(info.get("zeros_kept", 0) / info["elements"], 4))
+    if not coded and skeleton_ratio is None:
+        return [_finish(row) for row in rows.values()]
+    for name, info in coded.items():  # coded tensors no pass changed: the payload is the weight
+        if name not in rows and not any(name in r.get("stored_as", ()) for r in rows.values()):
+            rows[name] = {"tensor": name, "original_bytes": None, "runnable_bytes": info["bytes"],
+                          "elements": info.get("elements"), "stored_as": [name]}
+    for row in rows.values():
+        parts = row.get("stored_as") or [row["tensor"]]
+        shipped, estimated = 0.0, False
+        for part in parts:
+            if part in coded:
+                shipped += coded[part]["coded_bytes"]
+            elif skeleton_ratio is not None and row.get("runnable_bytes") is not None:
+                estimated = True
+        if estimated:
+            known = sum(coded[p]["bytes"] for p in parts if p in coded)
+            shipped += max(0, row["runnable_bytes"] - known) * skeleton_ratio
+        row["shipped_bytes"] = round(shipped)
+        row["in_skeleton"] = estimated
+    return [_finish(row) for row in rows.values()]
+
+
+def _finish(row: dict[str, Any]) -> dict[str, Any]:
+    elements = row.pop("elements", None)
+    row.pop("stored_as", None)
+    shipped = row.get("shipped_bytes")
+    row["bits_per_weight"] = round(8 * shipped / elements, 3) if shipped is not None and elements else None
+    return {key: row.get(key) for key in ("tensor", "original_bytes", "runnable_bytes", "shipped_bytes",
+                                          "sparsity", "codebook_bits", "bits_per_weight", "in_skeleton")}

@@ -113,3 +113,88 @@ def _lloyd(sorted_values: np.ndarray, k: int, init: Init, iterations: int) -> np
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
         # Means of contiguous sorted runs stay sorted, so the midpoint split stays valid.
     return centroids
+
+
+def kmeans_vectors(
+    vectors: np.ndarray,
+    bits: int,
+    iterations: int = 20,
+    keep_zero: bool = True,
+    seed: int = 0,
+    chunk: int = 1 << 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Product quantization: cluster ``vectors`` [n, d] into ``2**bits`` d-dimensional centroids.
+
+    Returns ``(codebook [2**bits, d] float32, indices [n] uint8)`` with ``codebook[indices]`` the
+    clustered vectors. With ``keep_zero`` vectors that are entirely zero (pruned) get entry 0, an
+    exact zero vector, and only the others are clustered. Lloyd's iterations from a k-means++-style
+    seeded start (deterministic for a given ``seed``); distances are computed ``chunk`` vectors at a
+    time, so memory stays O(chunk * 2**bits) whatever n is.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8 for uint8 indices, got {bits}")
+    data = np.asarray(vectors, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"vectors must be [n, d], got shape {data.shape}")
+    if data.size and not np.isfinite(data).all():
+        raise ValueError("values contain NaN or infinity; k-means needs finite weights")
+    k = 1 << bits
+    nonzero = data.any(axis=1) if keep_zero else np.ones(len(data), bool)
+    zero_slot = keep_zero and not nonzero.all()
+    clustered = data[nonzero]
+    free = k - 1 if zero_slot else k
+    centroids = _lloyd_vectors(clustered, free, iterations, seed, chunk)
+    indices = np.zeros(len(data), np.uint8)
+    if len(clustered):
+        assigned = _nearest(clustered, centroids, chunk).astype(np.uint8)
+        indices[nonzero] = assigned + 1 if zero_slot else assigned
+    rows = [np.zeros((1, data.shape[1]), np.float32)] if zero_slot else []
+    codebook = np.concatenate(rows + [centroids.astype(np.float32)]) if rows or len(centroids) else \
+        np.zeros((0, data.shape[1]), np.float32)
+    if len(codebook) < k:  # fewer vectors than entries: repeat the last so the codebook is full size
+        fill = codebook[-1:] if len(codebook) else np.zeros((1, data.shape[1]), np.float32)
+        codebook = np.concatenate([codebook, np.repeat(fill, k - len(codebook), axis=0)])
+    return codebook, indices
+
+
+def _nearest(data: np.ndarray, centroids: np.ndarray, chunk: int) -> np.ndarray:
+    """Index of the nearest centroid of each row (ties: the lower index)."""
+    c = centroids.astype(np.float32)
+    norms = (c.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
+    scaled = -2 * c.T
+    out = np.empty(len(data), np.int64)
+    for start in range(0, len(data), chunk):
+        distance = data[start : start + chunk] @ scaled  # |x|^2 is the same for every centroid
+        distance += norms
+        out[start : start + chunk] = np.argmin(distance, axis=1)
+    return out
+
+
+def _lloyd_vectors(data: np.ndarray, k: int, iterations: int, seed: int, chunk: int) -> np.ndarray:
+    if len(data) == 0:
+        return np.zeros((0, data.shape[1]))
+    unique = np.unique(data, axis=0)
+    if len(unique) <= k:  # every distinct vector is its own exact centroid
+        return unique.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    # k-means++ on a sample: spread-out seeds without an O(n k) pass per seed over all the data.
+    sample = data[rng.choice(len(data), min(len(data), 64 * k), replace=False)].astype(np.float64)
+    centroids = [sample[rng.integers(len(sample))]]
+    nearest = ((sample - centroids[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        total = nearest.sum()
+        pick = rng.choice(len(sample), p=nearest / total) if total > 0 else rng.integers(len(sample))
+        centroids.append(sample[pick])
+        nearest = np.minimum(nearest, ((sample - sample[pick]) ** 2).sum(axis=1))
+    centroids = np.array(centroids)
+    previous = None
+    for _ in range(iterations):
+        assigned = _nearest(data, centroids, chunk)
+        if previous is not None and np.array_equal(assigned, previous):
+            break
+        previous = assigned
+        counts = np.bincount(assigned, minlength=k)
+        sums = np.stack([np.bincount(assigned, weights=data[:, j], minlength=k) for j in range(data.shape[1])], axis=1)
+        # An empty cluster keeps its centroid.
+        centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
+    return centroids

@@ -2,16 +2,19 @@
 
 before: the serialized ONNX bytes.
 after:  an artifact holding (1) the ONNX bytes with every large tensor payload cut out (the
-"skeleton", xz compressed) and (2) each cut payload coded on its own by ``kernels.entropy``.
+"skeleton", LZMA2 compressed) and (2) each cut payload coded on its own by ``kernels.entropy``.
 Nothing is re-serialized: decoding splices the payloads back at their recorded offsets, so the
 bytes come back identical by construction, and a SHA-256 of the ONNX bytes proves it.
 
-Layout (format version 1, little-endian; the full spec is docs/mpk-format.md):
+Layout (format version 2, little-endian; the full spec is docs/mpk-format.md):
 
-    header    72 bytes: magic | version | flags | tensor_count | onnx_length | skeleton_length
+    header    72 bytes: magic | version | flags | tensor_count | onnx_length | block_length
               | table_length | onnx_sha256
-    skeleton  skeleton_length bytes: xz of the ONNX bytes minus the coded payloads
-    table     table_length bytes: one entry per coded tensor, in file order
+    block     block_length bytes: raw LZMA2 of (table + skeleton), where the table holds one
+              entry per coded tensor, in file order, and the skeleton is the ONNX bytes minus
+              the coded payloads. One block, so the tensor names in the table compress against
+              the same names in the graph, and no xz framing is paid for (small models ship a
+              few KB, where ~60 bytes of framing and ~90 bytes per table entry show).
     streams   the coded streams of every tensor, in table order
     trailer   crc32 of everything before it
 
@@ -34,14 +37,18 @@ from modelpress.compressors.errors import InputError
 from modelpress.kernels import entropy
 
 MAGIC = b"\x89MPK\r\n\x1a\n"  # PNG-style: a text-mode transfer or a truncated upload shows at once
-VERSION = 1
+VERSION = 2
 # A protobuf message cannot reach 2 GiB, so no ONNX file (without external data) is larger.
 MAX_ONNX_BYTES = 2**31 - 1
-# Payloads smaller than this stay in the skeleton, where xz codes them in context.
+# Payloads smaller than this stay in the skeleton, where LZMA2 codes them in context.
 MIN_CODED_BYTES = 512
 MAX_RANK = 64
-# The skeleton's xz decoder may use at most this much memory, whatever its header claims.
-XZ_MEMLIMIT = 256 << 20
+# LZMA2 dictionary: the next power of two at or above the model size, within these bounds, so the
+# decoder's memory follows the model and never exceeds 8 MiB whatever a header claims. The large
+# tensors are cut out of the skeleton, so matches further back than 8 MiB are rare and worth little.
+MIN_DICT_BYTES, MAX_DICT_BYTES = 1 << 12, 1 << 23
+# A table entry is at most 33 + 8*64 + 65535 + 8*9 bytes; no real table comes near this cap.
+MAX_TABLE_BYTES = 64 << 20
 
 _HEADER = struct.Struct("<8sHHIQQQ32s")
 # start, length, data_type, method, stream_count, rank, name_length, entropy_bits
@@ -98,12 +105,12 @@ def pack(onnx_bytes: bytes, level: int = 9) -> tuple[bytes, dict]:
         skeleton += view[cursor : entry.span.start]
         cursor = entry.span.start + entry.span.length
     skeleton += view[cursor:]
-    packed_skeleton = _xz(bytes(skeleton), level)
-
     table = b"".join(_pack_entry(entry) for entry in entries)
-    header = _HEADER.pack(MAGIC, VERSION, 0, len(entries), len(onnx_bytes), len(packed_skeleton), len(table),
+    block = _lzma(table + bytes(skeleton), level, len(onnx_bytes))
+
+    header = _HEADER.pack(MAGIC, VERSION, 0, len(entries), len(onnx_bytes), len(block), len(table),
                           hashlib.sha256(onnx_bytes).digest())
-    body = b"".join([header, packed_skeleton, table, *(s for entry in entries for s in entry.streams)])
+    body = b"".join([header, block, *(s for entry in entries for s in entry.streams)])
     artifact = body + struct.pack("<I", zlib.crc32(body))
 
     coded_bytes = sum(len(s) for entry in entries for s in entry.streams)
@@ -116,8 +123,10 @@ def pack(onnx_bytes: bytes, level: int = 9) -> tuple[bytes, dict]:
         "coded_payload_bytes": coded_bytes,
         "entropy_bytes": round(sum(entry.entropy_bits for entry in entries) / 8),
         "skeleton_raw_bytes": len(skeleton),
-        "skeleton_bytes": len(packed_skeleton),
-        "container_bytes": len(header) + len(table) + 4,
+        "table_raw_bytes": len(table),
+        "skeleton_bytes": len(block),  # skeleton and table, compressed together
+        "container_bytes": len(header) + 4,
+        "per_tensor": {entry.span.name: _tensor_stats(entry) for entry in entries},
         "methods": dict(sorted(Counter(entropy.METHOD_NAMES[e.method] for e in entries).items())),
     }
     return artifact, stats
@@ -136,12 +145,29 @@ def _pack_entry(entry: _Entry) -> bytes:
     ])
 
 
-def _xz(data: bytes, level: int) -> bytes:
-    # The dictionary never needs to exceed the data: a small skeleton then codes in milliseconds
-    # and the decoder's memory stays proportional to the skeleton.
-    dict_size = min(1 << 26, max(1 << 12, 1 << (len(data) - 1).bit_length()))
-    filters = [{"id": lzma.FILTER_LZMA2, "preset": level, "dict_size": dict_size}]
-    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=filters)
+def _tensor_stats(entry: _Entry) -> dict:
+    """Shipped size of one coded tensor, for the report's per-tensor table."""
+    bits = dtype_of(entry.span.data_type)[1]
+    elements = max(1, entry.span.length * 8 // bits)
+    coded = sum(len(s) for s in entry.streams)
+    return {"bytes": entry.span.length, "elements": elements, "coded_bytes": coded,
+            "method": entropy.METHOD_NAMES[entry.method],
+            "bits_per_element": round(8 * coded / elements, 3),
+            "entropy_bits_per_element": round(entry.entropy_bits / elements, 3)}
+
+
+def _filters(onnx_length: int, level: int = 9) -> list[dict]:
+    # The dictionary never needs to exceed the model: a small model then codes in milliseconds and
+    # the decoder's memory stays proportional to it. The decoder derives the same size.
+    dict_size = min(MAX_DICT_BYTES, max(MIN_DICT_BYTES, 1 << max(0, onnx_length - 1).bit_length()))
+    options = {"id": lzma.FILTER_LZMA2, "dict_size": dict_size}
+    if level is not None:
+        options["preset"] = level | (lzma.PRESET_EXTREME if level >= 9 else 0)
+    return [options]
+
+
+def _lzma(data: bytes, level: int, onnx_length: int) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_filters(onnx_length, level))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +179,9 @@ def _xz(data: bytes, level: int) -> bytes:
 class _Parsed:
     onnx_length: int
     digest: bytes
-    skeleton: memoryview  # still xz coded
+    block_bytes: int  # compressed size of table + skeleton
     entries: list[_Entry]
+    decompressor: lzma.LZMADecompressor  # positioned after the table: the skeleton comes next
 
 
 def _parse(data: bytes) -> _Parsed:
@@ -164,7 +191,7 @@ def _parse(data: bytes) -> _Parsed:
         raise InputError("not a modelpress .mpk artifact (bad magic number)")
     if len(view) < _HEADER.size + 4:
         raise InputError("artifact is truncated (shorter than its header)")
-    _magic, version, flags, count, onnx_length, skeleton_length, table_length, digest = _HEADER.unpack_from(view)
+    _magic, version, flags, count, onnx_length, block_length, table_length, digest = _HEADER.unpack_from(view)
     if version != VERSION:
         raise InputError(f"artifact format version {version}; this modelpress reads version {VERSION}")
     (crc,) = struct.unpack_from("<I", view, len(view) - 4)
@@ -174,14 +201,16 @@ def _parse(data: bytes) -> _Parsed:
         raise InputError(f"artifact uses flags {flags:#x} that format version {VERSION} does not define")
     if onnx_length > MAX_ONNX_BYTES:
         raise InputError(f"artifact declares {onnx_length} bytes of ONNX, more than the format allows")
+    if table_length > MAX_TABLE_BYTES or count > table_length // _ENTRY.size:
+        raise InputError(f"artifact declares {count} tensors in a {table_length}-byte table, "
+                         "more than its table can hold")
     end = len(view) - 4
-    table_start = _HEADER.size + skeleton_length
-    streams_start = table_start + table_length
+    streams_start = _HEADER.size + block_length
     if streams_start > end:
         raise InputError("artifact sections run past its end")
-    if count > table_length // (_ENTRY.size + 8):
-        raise InputError(f"artifact declares {count} tensors, more than its table can hold")
-    entries = _read_table(view[table_start:streams_start], count, onnx_length)
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_filters(onnx_length, None))
+    table = _inflate(decompressor, view[_HEADER.size : streams_start], table_length, "tensor table")
+    entries = _read_table(memoryview(table), count, onnx_length)
 
     position = streams_start
     for entry in entries:
@@ -194,7 +223,25 @@ def _parse(data: bytes) -> _Parsed:
             position += length
     if position != end:
         raise InputError("artifact has bytes after its last tensor")
-    return _Parsed(onnx_length, digest, view[_HEADER.size : table_start], entries)
+    return _Parsed(onnx_length, digest, block_length, entries, decompressor)
+
+
+def _inflate(decompressor: lzma.LZMADecompressor, packed: memoryview | bytes, size: int, what: str) -> bytes:
+    """Exactly ``size`` more bytes from the block; never more than that many are produced."""
+    if decompressor.eof:  # the block ended early: only a request for nothing can be met
+        out = b""
+    else:
+        out = _decompress(decompressor, packed, size, what)
+    if len(out) != size:
+        raise InputError(f"artifact {what} is shorter than declared")
+    return out
+
+
+def _decompress(decompressor: lzma.LZMADecompressor, packed: memoryview | bytes, size: int, what: str) -> bytes:
+    try:
+        return decompressor.decompress(bytes(packed), max_length=size)
+    except lzma.LZMAError as exc:
+        raise InputError(f"artifact {what} does not decompress ({exc})") from None
 
 
 def _read_table(table: memoryview, count: int, onnx_length: int) -> list[_Entry]:
@@ -231,24 +278,19 @@ def _read_table(table: memoryview, count: int, onnx_length: int) -> list[_Entry]
     return entries
 
 
-def _unxz(packed: memoryview, expected: int) -> bytes:
-    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
-    try:
-        skeleton = decompressor.decompress(bytes(packed), max_length=expected + 1)
-    except lzma.LZMAError as exc:
-        raise InputError(f"artifact skeleton does not decompress ({exc})") from None
-    if len(skeleton) != expected or not decompressor.eof or decompressor.unused_data:
-        raise InputError("artifact skeleton has the wrong size")
-    return skeleton
-
-
 def unpack(data: bytes) -> bytes:
     """The exact ONNX bytes an artifact was made from; ``InputError`` on any damage."""
     parsed = _parse(data)
     payload_total = sum(entry.span.length for entry in parsed.entries)
     if payload_total > parsed.onnx_length:
         raise InputError("artifact tensors are larger than the model they belong to")
-    skeleton = _unxz(parsed.skeleton, parsed.onnx_length - payload_total)
+    expected = parsed.onnx_length - payload_total
+    skeleton = _inflate(parsed.decompressor, b"", expected, "skeleton")
+    if not parsed.decompressor.eof:  # the end marker may still be buffered: anything else is extra
+        if _decompress(parsed.decompressor, b"", 1, "skeleton") or not parsed.decompressor.eof:
+            raise InputError("artifact skeleton has the wrong size")
+    if parsed.decompressor.unused_data:
+        raise InputError("artifact skeleton has bytes after its end")
     out = bytearray(parsed.onnx_length)
     skeleton_pos = file_pos = 0
     for entry in parsed.entries:
@@ -299,7 +341,7 @@ def describe(data: bytes) -> dict:
         "shipped_bytes": len(data),
         "ratio": round(parsed.onnx_length / max(1, len(data)), 3),
         "onnx_sha256": parsed.digest.hex(),
-        "skeleton_bytes": len(parsed.skeleton),
+        "skeleton_bytes": parsed.block_bytes,  # skeleton and tensor table, compressed together
         "skeleton_raw_bytes": parsed.onnx_length - payload if payload <= parsed.onnx_length else None,
         "coded_tensors": len(tensors),
         "tensors": tensors,

@@ -11,6 +11,10 @@ and running statistics) are shared the same way: on a pruned, clustered model th
 share of what is left. With ``min_bits`` each tensor gets the fewest bits in [min_bits, bits]
 whose clustering error stays under ``max_relative_error`` (MSE over the mean square of the
 tensor's nonzero values), so large, redundant matrices get few bits and sensitive ones more.
+With ``vector_size: d`` > 1 (product quantization) each codebook entry is a sub-vector of d
+consecutive weights along the last axis: ``Gather`` yields [..., n/d, d] and a ``Reshape`` restores
+the weight's shape; at b bits that is b/d bits per weight before entropy coding. Sub-vectors that
+are entirely zero keep an exact zero entry; partly pruned ones do not stay exactly sparse.
 
 Why this lookup: stock onnxruntime constant-folds the all-initializer Cast -> Gather chain when the
 session is created, so inference runs the same fp32 kernels as the original (measured: equal latency;
@@ -39,7 +43,7 @@ from modelpress.compressors.model import (
 )
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.selection import WeightFilterConfig, matches, select_weights
-from modelpress.kernels.kmeans import kmeans_1d
+from modelpress.kernels.kmeans import kmeans_1d, kmeans_vectors
 
 # UINT4 tensors and Cast-21 need IR version 10 and opset 21.
 UINT4_OPSET = 21
@@ -50,12 +54,14 @@ OpType = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"]
 
 
 # Float vectors that may be shared when ``vectors`` is on: op type -> input positions.
-# BatchNormalization's running mean/variance (3, 4) stay: the recover pass trains codebooks, and
-# torch's batch_norm refuses running statistics that require grad.
 VECTOR_INPUTS: dict[str, tuple[int, ...]] = {
-    "Gemm": (2,), "Conv": (2,), "ConvTranspose": (2,), "BatchNormalization": (1, 2),
+    "Gemm": (2,), "Conv": (2,), "ConvTranspose": (2,), "BatchNormalization": (1, 2, 3, 4),
     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1),
 }
+# Statistics, not parameters: their codebooks are read through an Identity, so the recover pass
+# (which trains Gather tables) leaves them frozen — torch's batch_norm refuses running statistics
+# that require grad, and training them would not mean anything. ORT folds the Identity away.
+STATISTICS_INPUTS: dict[str, tuple[int, ...]] = {"BatchNormalization": (3, 4)}
 # A vector's codebook (2^b floats) must stay well below its own size to be worth it.
 VECTOR_CODEBOOK_SHARE = 4
 
@@ -67,6 +73,8 @@ class KMeansConfig(WeightFilterConfig):
                                                                 "whose error is below max_relative_error")
     max_relative_error: float = Field(0.01, gt=0.0, lt=1.0,
                                       description="with min_bits: MSE / mean square of the nonzero values, per tensor")
+    vector_size: int = Field(1, ge=1, le=16, description="product quantization when > 1: each codebook entry is a "
+                                                          "sub-vector of this many consecutive weights (last axis)")
     vectors: bool = Field(False, description="also share biases and normalization parameters (1-D float tensors)")
     min_vector_elements: int = Field(16, ge=4, description="smaller vectors are left as they are")
     init: Literal["linear", "density"] = "linear"
@@ -82,6 +90,9 @@ class KMeansConfig(WeightFilterConfig):
     def _uint4_fits(self):
         if self.index_dtype == "uint4" and self.bits > 4:
             raise ValueError(f"index_dtype uint4 holds at most 4 bits, but bits is {self.bits}")
+        if self.vector_size > 1 and self.per_channel_groups > 1:
+            raise ValueError("vector_size > 1 (product quantization) takes one codebook per tensor: "
+                             "set per_channel_groups: 1")
         if self.min_bits is not None and self.min_bits > self.bits:
             raise ValueError(f"min_bits ({self.min_bits}) must not exceed bits ({self.bits})")
         return self
@@ -185,8 +196,13 @@ class KMeansQuantize(Pass):
             notes.append(f"{name}: one codebook (its consumers disagree on the channel axis)")
             groups = 1
         groups = min(groups, weights.shape[axis]) if groups > 1 else 1
+        size = 1 if is_vector else config.vector_size
+        if size > 1 and weights.shape[-1] % size:
+            notes.append(f"{name}: scalar codebook (its last dimension {weights.shape[-1]} is not a multiple "
+                         f"of vector_size {size})")
+            size = 1
 
-        bits, codebook, indices, mse = self._choose_bits(weights, groups, axis)
+        bits, codebook, indices, mse = self._choose_bits(weights, groups, axis, size)
         k = 1 << bits
 
         if use_uint4 and bits <= 4:
@@ -215,9 +231,22 @@ class KMeansQuantize(Pass):
             nodes.append(add)
             flat_index = add.outputs[0]
             extra_bytes = offsets.nbytes
+        if all(u.idx in STATISTICS_INPUTS.get(u.node.op_type, ()) for u in value.uses()):
+            frozen = ir.node("Identity", [codebook_value], name=f"{name}/kmeans_frozen")
+            frozen.outputs[0].name = _fresh(f"{name}_kmeans_codebook_frozen", taken)
+            nodes.append(frozen)
+            codebook_value = frozen.outputs[0]
         gather = ir.node("Gather", [codebook_value, flat_index], {"axis": 0}, name=f"{name}/kmeans_lookup")
         nodes.append(gather)
         looked_up = gather.outputs[0]
+        if size > 1:  # [..., n/size, size] sub-vectors back to the weight's shape
+            gather.outputs[0].name = _fresh(f"{name}_kmeans_subvectors", taken)
+            shape = np.array(weights.shape, np.int64)
+            shape_value = _initializer(graph, ir.Tensor(shape, name=_fresh(f"{name}_kmeans_shape", taken)))
+            reshape = ir.node("Reshape", [looked_up, shape_value], name=f"{name}/kmeans_reshape")
+            nodes.append(reshape)
+            looked_up = reshape.outputs[0]
+            extra_bytes += shape.nbytes
         # No type/shape either: ORT infers them, and on a model pruned and clustered to a few KB
         # one value_info per weight is ~2 % of the shipped artifact.
 
@@ -228,7 +257,10 @@ class KMeansQuantize(Pass):
         info = {
             "tensor": name,
             "bits": bits,
+            "vector_size": size,
+            "elements": int(weights.size),
             "index_dtype": "uint4" if use_uint4 and bits <= 4 else "uint8",
+            "stored_as": [index_tensor.name, codebook_tensor.name],  # the report maps shipped bytes back
             "groups": groups,
             "mse": mse,
             "zeros_kept": int(weights.size - np.count_nonzero(weights)) if config.keep_zero else 0,
@@ -237,8 +269,9 @@ class KMeansQuantize(Pass):
         }
         return nodes, info
 
-    def _choose_bits(self, weights: np.ndarray, groups: int, axis: int | None):
-        """(bits, codebook, indices, mse): fixed ``bits``, or the fewest bits meeting the error bound."""
+    def _choose_bits(self, weights: np.ndarray, groups: int, axis: int | None, size: int = 1):
+        """(bits, codebook, indices, mse): fixed ``bits``, or the fewest bits meeting the error bound.
+        ``size`` > 1: product quantization of sub-vectors of that many consecutive weights."""
         config: KMeansConfig = self.config
         top = config.bits
         if weights.ndim < 2:  # a vector's codebook must stay well below the vector itself
@@ -248,10 +281,17 @@ class KMeansQuantize(Pass):
         nonzero = wide[wide != 0]
         scale = float(np.mean(nonzero**2)) if nonzero.size else 0.0
         for bits in range(low, top + 1):
-            codebook, indices = self._cluster(weights, groups, axis, bits)
-            codebook = codebook.astype(weights.dtype)  # fp16/bf16 weights keep their dtype
-            offsets = _group_offsets(weights.shape, groups, axis, 1 << bits)
-            restored = codebook[indices.astype(np.int64) + offsets].astype(np.float64)
+            if size > 1:
+                codebook, flat = kmeans_vectors(weights.reshape(-1, size), bits, keep_zero=config.keep_zero,
+                                                seed=self.context.seed)
+                indices = flat.reshape(weights.shape[:-1] + (weights.shape[-1] // size,))
+                codebook = codebook.astype(weights.dtype)
+                restored = codebook[indices.astype(np.int64)].reshape(weights.shape).astype(np.float64)
+            else:
+                codebook, indices = self._cluster(weights, groups, axis, bits)
+                codebook = codebook.astype(weights.dtype)  # fp16/bf16 weights keep their dtype
+                offsets = _group_offsets(weights.shape, groups, axis, 1 << bits)
+                restored = codebook[indices.astype(np.int64) + offsets].astype(np.float64)
             mse = float(np.mean((restored - wide) ** 2)) if wide.size else 0.0
             if bits == top or mse <= config.max_relative_error * scale:
                 return bits, codebook, indices, mse

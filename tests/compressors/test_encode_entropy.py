@@ -204,7 +204,7 @@ def test_forged_artifacts_with_a_valid_crc_fail_cleanly(artifacts):
     for trial in range(300):
         name = names[trial % len(names)]
         body = bytearray(packed[name][:-4])
-        if trial % 2:  # aim at the header and the table, where lengths live
+        if trial % 2:  # aim at the header and the compressed table + skeleton, where lengths live
             table_end = len(body) - sum(t["coded_bytes"] for t in describe(packed[name])["tensors"])
             position = int(rng.integers(8, table_end))
         else:
@@ -225,13 +225,14 @@ def _header_fields(artifact: bytes) -> list:
 
 
 @pytest.mark.parametrize("field, value, message", [
-    (1, 2, "format version 2"),
+    (1, 3, "format version 3"),
     (2, 1, "flags"),
     (3, 10**9, "more than its table can hold"),
     (4, 2**40, "more than the format allows"),
     (4, 10, "outside the model"),
     (5, 2**62, "run past its end"),
-    (6, 2**62, "run past its end"),
+    (6, 2**62, "more than its table can hold"),
+    (6, 10**6, "tensor table is shorter than declared"),
     (7, bytes(32), "checksum recorded at encode time"),
 ])
 def test_forged_header_fields(field, value, message):

@@ -221,3 +221,97 @@ def test_config_validation_and_registry():
     with pytest.raises(ValidationError):
         KMeansConfig(bits=5, nonsense=1)
     assert PASSES["quantize"]["kmeans"] is KMeansQuantize
+
+
+def test_vectors_are_shared_and_the_output_is_exact():
+    """vectors: true also clusters the Gemm bias (32 elements: a 3-bit codebook at most, 8 << 32)."""
+    original = _model(np.random.default_rng(3))
+    result = _run(original, bits=5, vectors=True)
+    rewritten = onnx.load_from_string(to_bytes(result.model))
+    assert result.stats["tensors_clustered"] == 4
+    info = result.stats["per_tensor"]["b2"]
+    assert info["bits"] == 3 and info["elements"] == 32 and info["stored_as"] == ["b2_kmeans_idx", "b2_kmeans_codebook"]
+    assert "b2" not in {t.name for t in rewritten.graph.initializer}
+    feed = {"ids": np.arange(50, dtype=np.int64)}
+    assert np.array_equal(_outputs(rewritten, feed)[0], _outputs(_reference(original, rewritten), feed)[0])
+    small = _run(original, bits=5, vectors=True, min_vector_elements=64)
+    assert {"tensor": "b2", "reason": "vector of fewer than min_vector_elements=64 elements"} in small.stats["skipped"]
+
+
+def test_min_bits_picks_the_fewest_bits_meeting_the_error_bound():
+    rng = np.random.default_rng(4)
+    original = _model(rng)
+    loose = _run(original, bits=8, min_bits=2, max_relative_error=0.2)
+    tight = _run(original, bits=8, min_bits=2, max_relative_error=1e-4)
+    for name in ("emb", "w1", "w2"):
+        lo, hi = loose.stats["per_tensor"][name], tight.stats["per_tensor"][name]
+        assert lo["bits"] < hi["bits"] <= 8
+        weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}[name]
+        scale = np.mean(weights[weights != 0].astype(np.float64) ** 2)
+        assert lo["mse"] <= 0.2 * scale
+        assert hi["mse"] <= 1e-4 * scale or hi["bits"] == 8
+    # Indices of tensors at 4 bits or fewer are uint4, the rest uint8, after one opset upgrade.
+    dtypes = {info["index_dtype"] for info in loose.stats["per_tensor"].values()}
+    assert dtypes == {"uint4"} and loose.stats["bits_per_tensor"] == {n: i["bits"] for n, i in loose.stats["per_tensor"].items()}
+    with pytest.raises(ValidationError, match="min_bits"):
+        KMeansConfig(bits=3, min_bits=4)
+
+
+def test_product_quantization_runs_in_ort_and_matches_its_codebook():
+    original = _model(np.random.default_rng(5))
+    result = _run(original, bits=6, vector_size=4)
+    rewritten = onnx.load_from_string(to_bytes(result.model))
+    arrays = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    reference = onnx.ModelProto()
+    reference.CopyFrom(original)
+    for t in reference.graph.initializer:
+        if f"{t.name}_kmeans_idx" in arrays:
+            book, idx = arrays[f"{t.name}_kmeans_codebook"], arrays[f"{t.name}_kmeans_idx"].astype(np.int64)
+            assert book.shape == (64, 4) and idx.shape == tuple(t.dims[:-1]) + (t.dims[-1] // 4,)
+            t.CopyFrom(numpy_helper.from_array(book[idx].reshape(tuple(t.dims)), t.name))
+    feed = {"ids": np.arange(50, dtype=np.int64)}
+    assert np.array_equal(_outputs(rewritten, feed)[0], _outputs(reference, feed)[0])
+    info = result.stats["per_tensor"]["w1"]
+    # 512 uint8 indices + a 64 x 4 fp32 codebook + the shape, for 2048 fp32 weights
+    assert info["vector_size"] == 4 and info["bytes_after"] == 512 + 64 * 4 * 4 + 2 * 8
+    # All-zero sub-vectors (w1 is 80 % pruned) map to the exact zero entry 0.
+    assert not arrays["w1_kmeans_codebook"][0].any()
+
+
+def test_product_quantization_falls_back_when_the_last_axis_does_not_divide():
+    original = _model(np.random.default_rng(6))
+    result = _run(original, bits=4, vector_size=5)  # 32 and 64 are not multiples of 5
+    assert all(info["vector_size"] == 1 for info in result.stats["per_tensor"].values())
+    assert any("not a multiple of vector_size 5" in note for note in result.stats["notes"])
+    with pytest.raises(ValidationError, match="per_channel_groups"):
+        KMeansConfig(vector_size=4, per_channel_groups=2)
+
+
+def test_batchnorm_statistics_are_shared_but_frozen_for_recovery():
+    """Running mean/variance get codebooks read through an Identity, so `recover` (which trains
+    Gather tables) leaves them alone, while the BN scale/bias codebooks stay trainable."""
+    from modelpress.compressors.prune.recover import RecoverConfig, trainable_weights
+
+    rng = np.random.default_rng(7)
+    c = 32
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (c, 1, 3, 3)).astype(np.float32), "conv_w"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn_scale"),
+             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "bn_bias"),
+             numpy_helper.from_array(rng.normal(0, 0.5, c).astype(np.float32), "bn_mean"),
+             numpy_helper.from_array(rng.uniform(0.2, 2.0, c).astype(np.float32), "bn_var")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "conv_w"], ["h"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])], initializer=inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    original.ir_version = 8
+    result = _run(original, bits=3, vectors=True)
+    assert set(result.stats["per_tensor"]) == {"conv_w", "bn_scale", "bn_bias", "bn_mean", "bn_var"}
+    trainable = {v.name for v in trainable_weights(result.model, RecoverConfig())[0]}
+    assert {"bn_scale_kmeans_codebook", "bn_bias_kmeans_codebook", "conv_w_kmeans_codebook"} <= trainable
+    assert not trainable & {"bn_mean_kmeans_codebook", "bn_var_kmeans_codebook"}
+    rewritten = onnx.load_from_string(to_bytes(result.model))
+    feed = {"x": rng.random((2, 1, 8, 8)).astype(np.float32)}
+    expected = _outputs(_reference(original, rewritten), feed)[0]
+    assert np.allclose(_outputs(rewritten, feed)[0], expected, atol=1e-5)

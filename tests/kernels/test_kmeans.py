@@ -88,3 +88,25 @@ def test_empty_and_invalid_input():
         kmeans_1d(np.array([1.0, np.nan], np.float32), 3)
     with pytest.raises(ValueError, match="bits"):
         kmeans_1d(np.ones(4, np.float32), 9)
+
+
+def test_vector_kmeans_zero_vectors_exact_deterministic_and_improving():
+    from modelpress.kernels.kmeans import kmeans_vectors
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 4)).astype(np.float32)
+    x[:1000] = 0
+    errors = []
+    for bits in (2, 4, 6):
+        book, idx = kmeans_vectors(x, bits, seed=1)
+        assert book.shape == (1 << bits, 4) and idx.dtype == np.uint8 and idx.shape == (3000,)
+        assert not book[0].any() and (idx[:1000] == 0).all() and (idx[1000:] != 0).all()
+        errors.append(float(np.mean((book[idx] - x) ** 2)))
+        again = kmeans_vectors(x, bits, seed=1)
+        assert np.array_equal(again[0], book) and np.array_equal(again[1], idx)
+    assert errors[0] > errors[1] > errors[2]
+    few = np.repeat(rng.normal(size=(5, 3)).astype(np.float32), 40, axis=0)
+    book, idx = kmeans_vectors(few, 3)
+    assert np.array_equal(book[idx], few)  # fewer distinct vectors than entries: exact
+    with pytest.raises(ValueError):
+        kmeans_vectors(np.zeros(10, np.float32), 3)
