@@ -43,6 +43,11 @@ TRAINABLE_INPUTS: dict[str, tuple[int, ...]] = {
 # Without ``epochs``: enough passes for this many optimizer steps, so a small --data set is not
 # under-trained (digits MLP at 90 % sparsity: 1347 samples x 40 epochs or 512 x 120 both recover).
 AUTO_STEPS = 1000
+# ... but capped for large models, where that would take hours: at most this many (trainable weight x
+# training position) products — a position is a sample, or a real token when the data has a mask —
+# and at least one pass. The digits models stay far below it (about 3e9); all-MiniLM-L6-v2 with 256
+# calibration sentences of ~15 tokens gets about 4 passes (a few minutes on 2 cores).
+AUTO_WORK = 3e11
 # Below this many elements in its largest trainable tensor a model trains on one thread: on the digits
 # MLP two threads were 4.5x slower (per-op thread handoff dwarfs the tiny kernels).
 SINGLE_THREAD_BELOW = 1 << 20
@@ -50,7 +55,7 @@ FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataT
 
 
 class RecoverConfig(PassConfig):
-    epochs: int | None = Field(None, ge=1, le=100_000, description=f"passes over the data; None: about {AUTO_STEPS} steps")
+    epochs: int | None = Field(None, ge=1, le=100_000, description=f"passes over the data; None: about {AUTO_STEPS} steps, fewer for large models (AUTO_WORK)")
     batch_size: int = Field(64, ge=1, description="samples per step (feeds that cannot be split are used whole)")
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate (cosine decay to 0)")
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -66,6 +71,9 @@ class RecoverConfig(PassConfig):
     include: tuple[str, ...] = Field(("*",), description="globs on initializer names")
     exclude: tuple[str, ...] = Field((), description="globs on initializer names, applied after include")
     keep_masks: bool = Field(True, description="every weight that is exactly 0 stays exactly 0")
+    padding_mask: str | None = Field(
+        "attention_mask", description="a [batch, seq] 0/1 input marking real positions: padded ones are left out "
+        "of the loss (and cut from batches when that does not change the outputs); None: every position counts")
 
 
 def trainable_weights(model: ir.Model, config: RecoverConfig) -> tuple[list[ir.Value], list[dict[str, str]]]:

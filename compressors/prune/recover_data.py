@@ -7,6 +7,13 @@ axis of every input and of the teacher's output is a sample axis, samples from a
 and re-batched (``batch_size``); otherwise (a folder of fixed feeds, state inputs, a time axis
 first) each feed is one step, used whole. Which case holds is measured, not assumed: the teacher is
 run on a reversed subset of the first feed and must give the same rows as before.
+
+Padding: when the feeds have a [batch, seq] 0/1 mask input (``padding_mask``, e.g. a tokenizer's
+``attention_mask``) whose axes lead the output's, each ``Batch`` carries the mask and the losses skip
+padded positions — with short sentences padded to 128 tokens, padding would otherwise be most of the
+loss. Pooled batches are also cut after their last real position, which saves most of the compute
+for short sentences; that is done only when the teacher, run on the shortest samples cut that way,
+gives the same outputs at the real positions (it does not for a model whose positions see padding).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import onnx
 import torch
 
 Feed = dict[str, np.ndarray]
+# Samples are grouped by length within windows of this many batches: longer windows waste less on
+# padding but make batches less random.
+BUCKET_WINDOW = 8
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Batch:
     teacher: torch.Tensor
     features: list[torch.Tensor]
     labels: torch.Tensor | None
+    mask: torch.Tensor | None = None  # [n, seq] bool, real positions: the only ones the losses count
 
 
 @dataclass
@@ -73,6 +84,9 @@ class TrainingData:
     notes: list[str] = field(default_factory=list)
     pooled: dict[str, np.ndarray] | None = None  # input name -> all samples, when pooling applies
     items: list[Batch] = field(default_factory=list)  # pooled: one Batch of everything; else one per feed
+    mask_input: str | None = None  # the [batch, seq] 0/1 input that marks real positions
+    trim: bool = False  # pooled batches are cut after their last real position
+    positions: int = 0  # training positions per pass: real positions with a mask, else samples
 
     @classmethod
     def build(cls, feeds: Sequence[Feed], teacher: TeacherOutputs, labels: np.ndarray | None, config,
@@ -92,6 +106,7 @@ class TrainingData:
         pooled = _poolable(feeds, teacher)
         if not pooled:
             notes.append("samples are not independent along the first axis: one step per feed, used whole")
+        mask_input, trim = _sequence_mask(feeds, teacher, config.padding_mask, pooled, notes)
 
         rows = [t.reshape(-1, t.shape[-1]).shape[0] if kind == "kl" else 0 for t in targets]
         label_rows = None
@@ -104,6 +119,7 @@ class TrainingData:
             flat = torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64))
             label_rows = list(flat.split(rows))
 
+        trim = trim and label_rows is None  # per-position labels are not cut with the batch
         items = []
         if pooled:
             names = list(feeds[0])
@@ -114,10 +130,13 @@ class TrainingData:
         else:
             arrays = None
             for i, feed in enumerate(feeds):
+                mask = torch.from_numpy(feed[mask_input] != 0) if mask_input else None
                 items.append(Batch({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feed.items()},
-                                   targets[i], feats[i], label_rows[i] if label_rows else None))
+                                   targets[i], feats[i], label_rows[i] if label_rows else None, mask))
             samples = len(feeds)
-        return cls(output, kind, view, samples, label_rows is not None, notes, arrays, items)
+        positions = sum(int((f[mask_input] != 0).sum()) for f in feeds) if mask_input else samples
+        return cls(output, kind, view, samples, label_rows is not None, notes, arrays, items, mask_input, trim,
+                   positions)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.samples // batch_size) if self.pooled is not None else len(self.items)
@@ -128,25 +147,96 @@ class TrainingData:
             for i in torch.randperm(len(self.items), generator=generator).tolist():
                 yield self.items[i]
             return
-        for index in order(self.samples, batch_size, generator):
+        batches = order(self.samples, batch_size, generator)
+        if self.trim:
+            batches = self._by_length(batches, batch_size, generator)
+        for index in batches:
             yield self._pick(index)
+
+    def _by_length(self, batches: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Re-cut the shuffled samples so each batch holds sentences of similar length (within windows of
+        BUCKET_WINDOW batches, then the batches are shuffled again): a batch is cut at its longest
+        sample, so this spends compute on real positions, not padding (a pass over 256 MiniLM calibration
+        sentences at batch 16: 81 s instead of 121 s on a loaded 2-core machine)."""
+        order = torch.cat(batches)
+        lengths = torch.from_numpy((self.pooled[self.mask_input] != 0).sum(axis=1))
+        window = batch_size * BUCKET_WINDOW
+        resorted = [chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in order.split(window)]
+        cut = list(torch.cat(resorted).split(batch_size))
+        return [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()]
 
     def in_order(self, chunk: int) -> Iterator[Batch]:
         if self.pooled is None:
             yield from self.items
             return
-        for start in range(0, self.samples, chunk):
-            yield self._pick(torch.arange(start, min(start + chunk, self.samples)))
+        order = torch.arange(self.samples)
+        if self.trim:  # similar lengths together: each chunk is cut at its longest sample
+            lengths = torch.from_numpy((self.pooled[self.mask_input] != 0).sum(axis=1))
+            order = torch.argsort(lengths, stable=True)
+        for index in order.split(chunk):
+            yield self._pick(index)
 
     def _pick(self, index: torch.Tensor) -> Batch:
         whole = self.items[0]
         rows = index.numpy()
+        feed = {n: a[rows] for n, a in self.pooled.items()}
+        teacher, features, mask = whole.teacher[index], [f[index] for f in whole.features], None
+        if self.mask_input:
+            real = feed[self.mask_input] != 0
+            if self.trim:
+                seq, length = real.shape[1], _real_length(real)
+                feed = {n: _cut(a, seq, length) for n, a in feed.items()}
+                teacher, features = _cut(teacher, seq, length), [_cut(f, seq, length) for f in features]
+                real = real[:, :length]
+            mask = torch.from_numpy(np.ascontiguousarray(real))
         return Batch(
-            {n: torch.from_numpy(np.ascontiguousarray(a[rows])) for n, a in self.pooled.items()},
-            whole.teacher[index],
-            [f[index] for f in whole.features],
-            None if whole.labels is None else whole.labels[index],
+            {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feed.items()},
+            teacher, features, None if whole.labels is None else whole.labels[index], mask,
         )
+
+
+def _real_length(real: np.ndarray) -> int:
+    """Positions up to the last real one in any row (at least 1)."""
+    used = np.flatnonzero(real.any(axis=0))
+    return int(used[-1]) + 1 if used.size else 1
+
+
+def _cut(array, seq: int, length: int):
+    """The first ``length`` positions of the sequence axis (axis 1) of an array that has one."""
+    return array[:, :length] if array.ndim >= 2 and array.shape[1] == seq else array
+
+
+def _sequence_mask(feeds: Sequence[Feed], teacher: TeacherOutputs, name: str | None, pooled: bool,
+                   notes: list[str]) -> tuple[str | None, bool]:
+    """(the mask input, or None; whether pooled batches may be cut after their last real position)."""
+    if not name or name not in feeds[0]:
+        return None, False
+    for feed, out in zip(feeds, teacher.outputs):
+        mask = feed.get(name)
+        if mask is None or mask.ndim != 2 or out.shape[:2] != mask.shape \
+                or not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)) or not np.isin(mask, (0, 1)).all():
+            notes.append(f"input {name!r} is not a [batch, seq] 0/1 mask over the output's first two axes: "
+                         "every position counts in the loss")
+            return None, False
+    if not pooled:
+        return name, False
+    # Verify on the shortest samples of the first feed: cut, they must give the same real outputs.
+    first, out = feeds[0], teacher.outputs[0]
+    real = first[name] != 0
+    rows = np.argsort(real.sum(axis=1), kind="stable")[:8]
+    seq, length = real.shape[1], _real_length(real[rows])
+    if length == seq:
+        return name, False
+    try:
+        probe = teacher.run_first({n: _cut(a[rows], seq, length) for n, a in first.items()})
+    except Exception:
+        probe = None
+    expected, kept = out[rows][:, :length], real[rows][:, :length]
+    if probe is None or probe.shape != expected.shape or not np.allclose(
+            probe[kept], expected[kept], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max()))):
+        notes.append(f"padding changes the outputs at real positions: batches keep all {seq} positions")
+        return name, False
+    return name, True
 
 
 def _poolable(feeds: Sequence[Feed], teacher: TeacherOutputs) -> bool:

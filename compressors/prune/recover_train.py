@@ -17,7 +17,7 @@ import torch
 
 from modelpress.compressors.model import to_bytes
 from modelpress.compressors.pipeline import PassContext
-from modelpress.compressors.prune.recover import AUTO_STEPS, RecoverConfig
+from modelpress.compressors.prune.recover import AUTO_STEPS, AUTO_WORK, RecoverConfig
 from modelpress.compressors.prune.recover_data import Batch, TrainingData, run_onnx
 from modelpress.compressors.torch_graph import TorchGraph
 from modelpress.kernels.distill import agreement, epoch_order, kd_loss, masked_grad_, masked_weight_, relative_mse
@@ -35,9 +35,10 @@ class RecoveryTrainer:
         feeds = self.context.calibration
         student = TorchGraph(model, trainable=sorted({v.name for v in values}))
         teacher = run_onnx(self.context.original, feeds, config.features, self.context.threads)
-        _check_parity(student, model, feeds[0], self.context.threads)
         data = TrainingData.build(feeds, teacher, self.context.labels, config, model.graph.outputs[0].name,
                                  _output_op(model))
+        probe = {name: t.numpy() for name, t in next(data.in_order(8)).feed.items()}
+        _check_parity(student, model, probe, self.context.threads)
 
         params = [p for _, p in student.trainable]
         zeros = sum(int((p == 0).sum()) for p in params)
@@ -81,7 +82,10 @@ class RecoveryTrainer:
         else:
             optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
         per_epoch = data.steps_per_epoch(config.batch_size)
-        planned = config.epochs or max(1, -(-AUTO_STEPS // per_epoch))
+        planned = config.epochs
+        if planned is None:
+            work = sum(p.numel() for p in params) * data.positions
+            planned = max(1, min(-(-AUTO_STEPS // per_epoch), int(AUTO_WORK // work)))
         total = planned * per_epoch
         scheduler = None
         if config.schedule == "cosine":
@@ -130,16 +134,17 @@ class RecoveryTrainer:
     def _loss(self, student: TorchGraph, batch: Batch, data: TrainingData) -> torch.Tensor:
         config: RecoverConfig = self.config
         outputs = student.run(batch.feed, extra=config.features)
-        out = data.view(outputs[data.output])
+        full = data.view(outputs[data.output])
+        out, teacher = _real(full, batch.teacher, batch.mask)
         if data.loss_kind == "kl":
-            loss = kd_loss(out, batch.teacher, config.temperature)
+            loss = kd_loss(out, teacher, config.temperature)
             if batch.labels is not None and config.label_weight > 0:
-                ce = torch.nn.functional.cross_entropy(out.reshape(len(batch.labels), -1), batch.labels)
+                ce = torch.nn.functional.cross_entropy(full.reshape(len(batch.labels), -1), batch.labels)
                 loss = (1 - config.label_weight) * loss + config.label_weight * ce
         else:
-            loss = relative_mse(out, batch.teacher)
+            loss = relative_mse(out, teacher)
         if config.features and config.feature_weight > 0:
-            matched = [relative_mse(outputs[n], t) for n, t in zip(config.features, batch.features)]
+            matched = [relative_mse(*_real(outputs[n], t, batch.mask)) for n, t in zip(config.features, batch.features)]
             loss = loss + config.feature_weight * torch.stack(matched).mean()
         return loss
 
@@ -149,11 +154,13 @@ class RecoveryTrainer:
         and label accuracy (kl)."""
         config: RecoverConfig = self.config
         outs, teachers, labels = [], [], []
-        for batch in data.in_order(512):
-            outs.append(data.view(student.run(batch.feed)[data.output]))
-            teachers.append(batch.teacher)
-            if batch.labels is not None:
-                labels.append(batch.labels)
+        for batch in data.in_order(max(config.batch_size, 64)):
+            full = data.view(student.run(batch.feed)[data.output])
+            if batch.labels is not None:  # label rows are all rows, padded or not
+                labels.append((full.reshape(len(batch.labels), -1).argmax(-1) == batch.labels).float())
+            out, teacher = _real(full, batch.teacher, batch.mask)
+            outs.append(out)
+            teachers.append(teacher)
         if data.loss_kind != "kl":
             errors = [float(relative_mse(o, t)) for o, t in zip(outs, teachers)]
             return {"relative_error": round(float(np.mean(errors)), 6)}
@@ -162,8 +169,16 @@ class RecoveryTrainer:
         result = {"agreement": round(agreement(out, teacher), 6),
                   "kd_loss": round(float(kd_loss(out, teacher, config.temperature)), 6)}
         if labels:
-            result["label_accuracy"] = round(float((out.argmax(-1) == torch.cat(labels)).float().mean()), 6)
+            result["label_accuracy"] = round(float(torch.cat(labels).mean()), 6)
         return result
+
+
+def _real(out: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the real (unpadded) positions of an output and its target, when the data has a mask over
+    the output's first two axes: [n, seq, ...] -> [real positions, ...]."""
+    if mask is None or tuple(out.shape[:2]) != tuple(mask.shape) or out.shape != teacher.shape:
+        return out, teacher
+    return out[mask], teacher[mask]
 
 
 def _output_op(model: ir.Model) -> str | None:

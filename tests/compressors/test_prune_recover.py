@@ -211,3 +211,78 @@ def test_a_model_already_equal_to_its_teacher_is_left_alone(tmp_path):
     assert not result.modified and to_bytes(result.model) == before
     assert result.stats["kd_loss_after"] == result.stats["kd_loss_before"] == 0.0
     assert "weights left as they were" in result.stats["notes"][-1]
+
+
+def token_model(leaky: bool = False):
+    """ids [N, S] -> embedding table -> MatMul -> [N, S, 8], with an attention_mask input; ``leaky``
+    adds the mean over all positions (padding included) to every position."""
+    rng = np.random.default_rng(1)
+    table = helper.make_tensor("table", onnx.TensorProto.FLOAT, [20, 8], rng.normal(size=160).astype(np.float32))
+    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [8, 8], rng.normal(size=64).astype(np.float32))
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]), helper.make_node("Mul", ["y", "m3"], ["out"])]
+    inits = [table, w, helper.make_tensor("axis", onnx.TensorProto.INT64, [1], [2])]
+    if leaky:
+        nodes[-1].output[0] = "masked"
+        nodes += [helper.make_node("ReduceMean", ["h"], ["mu"], axes=[1], keepdims=1),
+                  helper.make_node("Add", ["masked", "mu"], ["out"])]
+    inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT64, ["N", "S"]) for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "tokens", inputs, [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def token_feeds():
+    """Right-padded sentences of 2..9 tokens in 16 positions; id 0 is the padding token."""
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(2, 10, 48)
+    mask = (np.arange(16)[None] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(1, 20, (48, 16)), 0)
+    return [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, 48, 16)]
+
+
+def test_padding_is_left_out_of_the_loss_and_cut_from_batches(tmp_path):
+    feeds = token_feeds()
+    model, context = tiny_setup(tmp_path, token_model(), labels=False, feeds=feeds, sparsity=0.0)
+    w = model.graph.initializers["w"]
+    w.const_value = ir.Tensor(w.const_value.numpy() * 0.5, name="w")  # a student that needs training
+    table = weights(model)["table"]
+    config = RecoverConfig(epochs=3, batch_size=8, lr=0.01)
+    result = Recover(config, context).call(model)
+    stats = result.stats
+    assert stats["relative_error_after"] < 0.6 * stats["relative_error_before"] and stats["notes"] == []
+    after = weights(result.model)["table"]
+    assert np.array_equal(after[0], table[0])  # the padding token's row got no gradient
+    assert not np.array_equal(after[1:], table[1:])
+
+    from modelpress.compressors.prune.recover_data import TrainingData, run_onnx
+    data = TrainingData.build(feeds, run_onnx(context.original, feeds, (), 1), None, config, "out", "Mul")
+    assert data.trim and data.positions == sum(int(f["attention_mask"].sum()) for f in feeds)
+    for batch in data.batches(lambda n, b, g: list(torch.randperm(n, generator=g).split(b)), torch.Generator(), 8):
+        length = batch.mask.shape[1]
+        assert batch.mask.any(0)[-1] and length <= 9 and batch.teacher.shape == (len(batch.mask), length, 8)
+        assert batch.feed["input_ids"].shape == batch.mask.shape
+
+
+def test_padding_that_reaches_real_positions_keeps_full_batches(tmp_path):
+    _, context = tiny_setup(tmp_path, token_model(leaky=True), labels=False, feeds=token_feeds(), sparsity=0.0)
+    from modelpress.compressors.prune.recover_data import TrainingData, run_onnx
+    feeds = context.calibration
+    data = TrainingData.build(feeds, run_onnx(context.original, feeds, (), 1), None, RecoverConfig(), "out", "Add")
+    assert data.mask_input == "attention_mask" and not data.trim
+    assert "padding changes the outputs" in data.notes[0]
+    assert next(data.in_order(8)).feed["input_ids"].shape == (8, 16)
+    none = TrainingData.build(feeds, run_onnx(context.original, feeds, (), 1), None, RecoverConfig(padding_mask=None),
+                              "out", "Add")
+    assert none.mask_input is None and none.positions == 48 and next(none.in_order(8)).mask is None
+
+
+def test_without_epochs_large_models_get_fewer_passes(tmp_path, monkeypatch):
+    """AUTO_WORK caps the automatic pass count (trainable weights x positions), at least one pass."""
+    from modelpress.compressors.prune import recover_train
+    model, context = tiny_setup(tmp_path, tiny_mlp())
+    monkeypatch.setattr(recover_train, "AUTO_WORK", 1.0)
+    assert Recover(RecoverConfig(), context).call(model).stats["epochs"] == 1
+    params = sum(v.const_value.size for v in model.graph.initializers.values())
+    monkeypatch.setattr(recover_train, "AUTO_WORK", 3.5 * params * 96)
+    assert Recover(RecoverConfig(), context).call(model).stats["epochs"] == 3
