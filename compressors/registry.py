@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from modelpress.compressors.encode.entropy import EntropyEncode
 from modelpress.compressors.pipeline import EncodePass, Pass, Stage
+from modelpress.compressors.prune.lowrank import LowRankFactorize
 from modelpress.compressors.prune.magnitude import MagnitudePrune
 from modelpress.compressors.prune.recover import Recover, RecoverQuantized
 from modelpress.compressors.prune.sparsegpt import SparseGPTPrune
@@ -23,6 +24,7 @@ _TABLE: list[type[Pass] | type[EncodePass]] = [
     SparseGPTPrune,
     WandaPrune,
     StructuredPrune,
+    LowRankFactorize,
     Recover,
     RecoverQuantized,
     Int8Quantize,

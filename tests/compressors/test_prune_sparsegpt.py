@@ -6,7 +6,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from conftest import REPO, tiny_mlp
-from modelpress.compressors.calibration import ColumnNorms, CrossGram, Gram, capture
+from modelpress.compressors.calibration import (
+    ColumnNorms,
+    CrossGram,
+    Gram,
+    capture,
+    padding_masks,
+)
 from modelpress.compressors.model import (
     check_model,
     iter_weights,
@@ -20,7 +26,7 @@ from modelpress.compressors.prune.sparsegpt import SparseGPTConfig, SparseGPTPru
 from modelpress.compressors.prune.wanda import WandaConfig, WandaPrune
 from modelpress.compressors.recipe import load_recipe
 from modelpress.compressors.registry import PASSES
-from modelpress.kernels.hessian import sparsegpt_prune
+from modelpress.kernels.hessian import refit_kept, sparsegpt_prune
 from modelpress.kernels.sparsity import nm_mask
 from onnx import TensorProto, helper, numpy_helper
 
@@ -127,7 +133,8 @@ def test_gemm_layouts_match_the_kernel(tmp_path, trans_a, trans_b):
     original = weights(model)["w"]
     result = sparsegpt(model, [{"input": x}])
     relu = np.maximum(x, 0).astype(np.float64)
-    expected = sparsegpt_prune(original, relu.T @ relu / len(x), layout="out_in" if trans_b else "in_out", sparsity=0.5)
+    layout, h = "out_in" if trans_b else "in_out", relu.T @ relu / len(x)
+    expected = refit_kept(original, sparsegpt_prune(original, h, layout=layout, sparsity=0.5), h, layout=layout)
     np.testing.assert_allclose(weights(result.model)["w"], expected, atol=1e-5)
 
 
@@ -263,3 +270,33 @@ def test_digits_mlp_keeps_accuracy_where_magnitude_loses_it(zoo_models, digits):
     ours = SparseGPTPrune(SparseGPTConfig(sparsity=0.8, min_elements=100), PassContext(calibration=[{"input": x_train[:256]}])).call(load_model(path)).model
     assert accuracy(ours) >= baseline - 0.02
     assert accuracy(ours) > accuracy(magnitude) + 0.02
+
+
+def test_padding_positions_are_left_out_of_the_statistics(tmp_path):
+    """[B, T, K] inputs with an attention_mask: the Gram, cross Gram and column norms see only the
+    rows of real tokens; values whose shape does not match the mask are taken whole."""
+    x = correlated(60, 64).reshape(6, 10, 64)
+    mask = (np.arange(10) < np.array([[3], [10], [1], [5], [7], [2]])).astype(np.int64)
+    proto = tiny_mlp()
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "T", 64]))
+    proto.graph.input.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", 10]))
+    model = load(tmp_path, proto)
+    feeds = [{"input": x[:2], "attention_mask": mask[:2]}, {"input": x[2:], "attention_mask": mask[2:]}]
+    masks = padding_masks(feeds, "attention_mask")
+    gram, cross, norms, whole = Gram(), CrossGram(), ColumnNorms(), Gram()
+    capture(model, [("input", gram), ("r", cross), ("r", norms)], feeds, row_masks=masks, reference=ir.to_proto(model))
+    capture(model, [("input", whole)], feeds)
+    real = x[mask == 1].astype(np.float64)
+    assert gram.rows == cross.rows == norms.rows == int(mask.sum()) == real.shape[0]
+    np.testing.assert_allclose(gram.hessian, real.T @ real / len(real), rtol=1e-5)
+    w = weights(model)
+    r = np.maximum(real @ w["w1"] + w["b1"], 0)
+    np.testing.assert_allclose(cross.hessian, r.T @ r / len(r), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(norms.norms, np.linalg.norm(r, axis=0), rtol=1e-4)
+    assert whole.rows == 60
+    assert padding_masks(feeds, None) is None and padding_masks(feeds, "nope") is None
+    # The passes use it by default: pruning with the mask equals pruning on the real rows alone.
+    masked = sparsegpt(load(tmp_path, proto), feeds, rounds=1)
+    flat = sparsegpt(load(tmp_path, tiny_mlp()), [{"input": real.astype(np.float32)}], rounds=1)
+    np.testing.assert_allclose(weights(masked.model)["w1"], weights(flat.model)["w1"], atol=1e-5)

