@@ -127,8 +127,10 @@ class Int8Config(WeightFilterConfig):
         0.999, ge=-1.0, le=1.0, description="mean per-sample cosine of class-score outputs needed to keep int8 kernels"
     )
     min_feature_cosine: float = Field(
-        0.99, ge=-1.0, le=1.0, description="the same for feature outputs (rank >= 3, e.g. token embeddings; padding "
-        "positions left out), which have no decisions to agree on",
+        0.996, ge=-1.0, le=1.0, description="the same for feature outputs (rank >= 3, e.g. token embeddings; padding "
+        "positions left out), which have no decisions to agree on. all-MiniLM-L6-v2: all 36 dynamic kernels give "
+        "0.995, and nearest-neighbour search then changes for ~9 % of sentences; at 0.996 the fallback gives 9 layers "
+        "their fp32 kernel back: 94 % agreement at 0.66x latency",
     )
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="7-bit weights for int8 kernels (no u8 x s8 saturation); auto: on x86 CPUs with AVX2 "
