@@ -41,6 +41,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 import zoo  # noqa: E402
+from common import replace_section  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- compare_int8:begin -->", "<!-- compare_int8:end -->"
@@ -337,17 +338,6 @@ def markdown(table: list[list[str]], env: dict, command: str, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str, path: Path = RESULTS) -> None:
-    """Replace the compare_int8 section, keeping whatever else the file holds."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section.rstrip("\n") + rest.partition(END)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -396,7 +386,7 @@ def main(argv=None) -> int:
                                for v in variants] for name, variants in results.items()},
         }, indent=2))
     if not args.no_write:
-        write_results(markdown(table, env, command, args), args.results)
+        replace_section(args.results, BEGIN, END, markdown(table, env, command, args))
         print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
     return 0
 

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 import zoo
+import common  # benchmarks/common.py: this script's folder is on sys.path
 from modelpress.compressors.encode.mpk import describe, pack, unpack
 from modelpress.compressors.model import load_model, normalize, to_bytes
 from modelpress.compressors.pipeline import PassContext
@@ -47,14 +48,7 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 def replace_section(name: str, body: str, path: Path = RESULTS) -> None:
     """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` section, keeping the rest."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    section = f"{begin}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in text and end in text:
-        head, _, rest = text.partition(begin)
-        text = head + section + rest.partition(end)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    common.replace_section(path, begin, end, f"{begin}\n{body.rstrip()}\n{end}\n")
 
 
 def clustered(path: Path) -> bytes:

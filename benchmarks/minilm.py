@@ -50,6 +50,7 @@ import onnxruntime as ort  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_int8 import cli_error, machine, reason  # noqa: E402
+from common import replace_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -390,17 +391,6 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
     ]) + "\n"
 
 
-def write_results(section: str, path: Path) -> None:
-    """Replace the minilm section (between its markers), keeping the rest of the file."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section.rstrip("\n") + rest.partition(END)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -457,7 +447,7 @@ def main(argv=None) -> int:
              **{k: x for k, x in v.figures.items() if k != "report"}} for v in variants]}, indent=2))
     if not args.no_write:
         counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
-        write_results(markdown(table, lines, env, command, args, counts), args.results)
+        replace_section(args.results, BEGIN, END, markdown(table, lines, env, command, args, counts))
         print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
     return 0
 

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import compare_int8 as common
 from compare_int8 import Variant, zoo
+from common import replace_section
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- structured:begin -->", "<!-- structured:end -->"
@@ -158,17 +159,6 @@ def markdown(table: list[list[str]], env: dict, command: str, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str, path: Path) -> None:
-    """Replace this script's section of RESULTS.md, keeping whatever else the file holds."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section.rstrip("\n") + rest.partition(END)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,mlp", help="comma-separated zoo models (default cnn,mlp)")
@@ -199,7 +189,7 @@ def main(argv=None) -> int:
     for line in [COLUMNS, ["-" * w for w in widths], *table]:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
     if not args.no_write:
-        write_results(markdown(table, env, command, args), args.results)
+        replace_section(args.results, BEGIN, END, markdown(table, env, command, args))
         print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
     return 0
 
