@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from modelpress.compressors.data import Dataset, Feed
 from modelpress.compressors.errors import InputError, ModelpressError
-from modelpress.compressors.fidelity import OutputFidelity
+from modelpress.compressors.fidelity import OutputFidelity, predictions
 
 ModelSource = bytes | str | os.PathLike
 Progress = Callable[[str, int, int], None]
@@ -264,16 +264,6 @@ def _time_interleaved(sessions: list[ort.InferenceSession], feed: Feed, samples:
 # --------------------------------------------------------------------------- metrics
 
 
-def _predictions(output: np.ndarray) -> np.ndarray | None:
-    """Class predictions: argmax over the last axis of float scores of rank >= 2; integer or bool
-    outputs already are predictions. None for float outputs of rank < 2 (a score per sample)."""
-    if output.dtype.kind in "biu":
-        return output
-    if output.ndim >= 2:
-        return output.argmax(axis=-1)
-    return None
-
-
 class _Accuracy:
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -282,7 +272,7 @@ class _Accuracy:
 
     def add(self, i: int, output: np.ndarray, output_name: str) -> None:
         labels = self.dataset.labels[self.offsets[i] : self.offsets[i + 1]]
-        predicted = _predictions(output)
+        predicted = predictions(output, per_position=True)
         if predicted is not None and predicted.shape != labels.shape and predicted.size == labels.size:
             predicted = predicted.reshape(labels.shape)  # e.g. labels [N, 1] against predictions [N]
         if predicted is None or predicted.shape != labels.shape:

@@ -22,12 +22,13 @@ def is_features(output: np.ndarray) -> bool:
     return output.dtype.kind == "f" and output.ndim >= 3
 
 
-def predictions(output: np.ndarray) -> np.ndarray | None:
+def predictions(output: np.ndarray, per_position: bool = False) -> np.ndarray | None:
     """Decisions: argmax over the last axis of float scores [N, classes]; integer or bool outputs
-    already are decisions. None for features and for one score per sample."""
+    already are decisions. None for one score per sample, and for features — unless
+    ``per_position`` (labels given per position, e.g. token classes [N, T] for scores [N, T, C])."""
     if output.dtype.kind in "biu":
         return output
-    if output.ndim == 2:
+    if output.ndim == 2 or (per_position and output.ndim > 2):
         return output.argmax(axis=-1)
     return None
 

@@ -173,6 +173,7 @@ class Int8Quantize(Pass):
     def call(self, model: ir.Model) -> PassResult:
         config: Int8Config = self.config
         notes: list[str] = []
+        self._reduce = _reduce_range(config)  # reads the CPU's features once per run
         reference = _serializable_bytes(model)  # the input model, to check the result against
         if reference is None:
             notes.append(f"weights over {CHECK_MAX_BYTES >> 20} MB: outputs not checked against the input model")
@@ -234,7 +235,7 @@ class Int8Quantize(Pass):
             },
             "decisions": decisions,
             "smoothed": verification.pop("smoothed", []),
-            "reduce_range": _reduce_range(config),
+            "reduce_range": self._reduce,
             "verification": verification,
             "skipped": skipped,
             "notes": notes,
@@ -363,7 +364,7 @@ class Int8Quantize(Pass):
         fp32_bytes = to_bytes(micro)
         int8_model = micro.clone()
         apply_plan(int8_model, [kernel_target], profile.ranges, self.config,
-                   reduce_range=_reduce_range(self.config)["used"])
+                   reduce_range=self._reduce["used"])
         rng = np.random.default_rng(self.context.seed)
         feed = {micro.graph.inputs[0].name: rng.standard_normal(shape).astype(np.float32)}
         timings = time_models({"fp32": fp32_bytes, "int8": to_bytes(int8_model)}, feed, self.context.threads)
@@ -387,7 +388,7 @@ class Int8Quantize(Pass):
             label, source, plan = queue.pop(0)
             built = source.clone()
             verification["smoothed"] = apply_plan(built, plan, profile.ranges, config, profile.channel_max,
-                                                  _reduce_range(config)["used"])
+                                                  self._reduce["used"])
             if reference is None or not profile.feeds:
                 return built, plan, verification
             candidate = to_bytes(built)
