@@ -61,7 +61,7 @@ from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, ensure_opset, iter_graphs, normalize, opset_version, to_bytes
 from modelpress.compressors.pipeline import Feed, Pass, PassResult
 from modelpress.compressors.quantize.graph_edits import Names, fold_batchnorm, initializer_bytes
-from modelpress.compressors.quantize import smoothing
+from modelpress.compressors.quantize import bias_correction, smoothing
 from modelpress.compressors.quantize.int8_emit import apply_plan
 from modelpress.compressors.quantize.int8_place import (
     Target, Use, mark_kernel_candidates, micro_model, rule_prefers_kernel, select_targets, signature, static_output)
@@ -136,6 +136,14 @@ class Int8Config(WeightFilterConfig):
         "auto", description="7-bit weights for int8 kernels (no u8 x s8 saturation); auto: on x86 CPUs with AVX2 "
         "and no VNNI, as ORT documents",
     )
+    bias_correction: bool = Field(
+        True, description="move each main-graph layer's bias (Conv, Gemm, MatMul+Add) by the mean output shift its "
+        "rounded weights cause on the calibration data (Nagel et al., 2019); needs --data",
+    )
+    padding_mask: str | None = Field(
+        "attention_mask", description="input whose zeros mark padding positions, left out of the bias-correction "
+        "means (sentences padded to a fixed length are mostly padding)",
+    )
     smoothing: float | None = Field(
         0.75, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha for dynamic MatMul/Gemm fed by a "
         "normalization layer (null: off)",
@@ -161,6 +169,7 @@ class Profile:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # normalization outputs, for smoothing
+    channel_mean: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # biased layers' inputs
     note: str | None = None
 
 
@@ -194,7 +203,8 @@ class Int8Quantize(Pass):
                 notes.append(f"opset upgraded {opset_version(base)} -> {KERNEL_OPSET} for int8 kernels")
                 targets, _ = select_targets(prepared, config)
 
-        profile = self._profile(prepared, targets, calibrate=kernels_wanted)
+        correct_biases = config.bias_correction and bool(self.context.calibration)
+        profile = self._profile(prepared, targets, calibrate=kernels_wanted or correct_biases)
         if profile.note:
             notes.append(profile.note)
         decisions: list[dict[str, Any]] = []
@@ -235,6 +245,7 @@ class Int8Quantize(Pass):
             },
             "decisions": decisions,
             "smoothed": verification.pop("smoothed", []),
+            "bias_corrected": len(verification.pop("bias_corrected", [])),
             "reduce_range": self._reduce,
             "verification": verification,
             "skipped": skipped,
@@ -273,6 +284,7 @@ class Int8Quantize(Pass):
         shapes: dict[str, FirstShape] = {}
         ranges: dict[str, quant.MinMaxObserver] = {}
         channel_max: dict[str, smoothing.ChannelAbsMax] = {}
+        channel_mean: dict[tuple[str, int], bias_correction.ChannelMean] = {}
         for target in targets:
             for use in target.uses:
                 if use.node[0] != 0 or use.op_type not in ("MatMul", "Gemm", "Conv"):
@@ -281,6 +293,10 @@ class Int8Quantize(Pass):
                 activation, out = node.inputs[0], static_output(node)
                 if activation is None or not activation.name or activation.is_initializer():
                     continue
+                if self.config.bias_correction and not profile.synthesized \
+                        and bias_correction.bias_of(node, use.input_index) is not None:
+                    axis = bias_correction.channel_axis(use.op_type)
+                    channel_mean.setdefault((activation.name, axis), bias_correction.ChannelMean(axis))
                 shapes.setdefault(activation.name, FirstShape())
                 static_possible = (use.op_type == "Conv" and self.config.mode in ("auto", "static")) or (
                     use.op_type == "MatMul" and self.config.mode == "static"
@@ -296,6 +312,10 @@ class Int8Quantize(Pass):
         try:
             calibration.capture(model, list(shapes.items()), [profile.latency_feed], **capture_options)
             calibration.capture(model, list(ranges.items()) + list(channel_max.items()), feeds, **capture_options)
+            if channel_mean:  # a run of its own: its means leave padding out, the ranges keep it
+                masks = calibration.padding_masks(feeds, self.config.padding_mask)
+                calibration.capture(model, [(name, mean) for (name, _), mean in channel_mean.items()], feeds,
+                                    row_masks=masks, **capture_options)
             if self.config.calibration != "minmax":
                 histograms = {n: quant.HistogramObserver(*o.range()) for n, o in ranges.items() if o.seen}
                 calibration.capture(model, list(histograms.items()), feeds, **capture_options)
@@ -309,6 +329,7 @@ class Int8Quantize(Pass):
             return profile
         profile.shapes.update({n: r.shape for n, r in shapes.items() if r.shape is not None})
         profile.channel_max = {n: r.value for n, r in channel_max.items() if r.value is not None}
+        profile.channel_mean = {key: r.value for key, r in channel_mean.items() if r.value is not None}
         return profile
 
     # ----------------------------------------------------------------------- placement
@@ -387,8 +408,10 @@ class Int8Quantize(Pass):
         while queue:
             label, source, plan = queue.pop(0)
             built = source.clone()
-            verification["smoothed"] = apply_plan(built, plan, profile.ranges, config, profile.channel_max,
-                                                  self._reduce["used"])
+            emitted = apply_plan(built, plan, profile.ranges, config, profile.channel_max, self._reduce["used"],
+                                 profile.channel_mean)
+            verification["smoothed"] = emitted["smoothed"]
+            verification["bias_corrected"] = emitted["bias_corrected"]
             if reference is None or not profile.feeds:
                 return built, plan, verification
             candidate = to_bytes(built)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from modelpress.compressors.model import iter_graphs
 from modelpress.compressors.quantize.graph_edits import Names, const, float_attr, initializer, int_attr, replace_output
-from modelpress.compressors.quantize import smoothing
+from modelpress.compressors.quantize import bias_correction, smoothing
 from modelpress.compressors.quantize.int8_place import Target, Use, static_output
 from modelpress.kernels import quant
 
@@ -38,16 +38,22 @@ class _Stored:
 
 
 def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[float, float]], config: Int8Config,
-               channel_max: dict[str, np.ndarray] | None = None, reduce_range: bool = False) -> list[dict]:
+               channel_max: dict[str, np.ndarray] | None = None, reduce_range: bool = False,
+               channel_mean: dict[tuple[str, int], np.ndarray] | None = None) -> dict[str, list[dict]]:
     """Store each target as int8 and rewire its uses by their methods (in place). With
     ``channel_max`` (per-channel max |x| of normalization outputs) and ``config.smoothing``, the
     scales of those activations are first migrated into the weights of their dynamic MatMul/Gemm
-    (see ``smoothing``). ``reduce_range``: weights of int8 kernels in 7 bits. Returns one record
-    per migrated activation."""
+    (see ``smoothing``). ``reduce_range``: weights of int8 kernels in 7 bits. With
+    ``channel_mean`` ((activation, channel axis) -> per-channel mean on the calibration data) the
+    biases of main-graph layers absorb the mean output shift their rounded weights cause (see
+    ``bias_correction``). Returns the records of migrated activations (``smoothed``) and of
+    corrected biases (``bias_corrected``)."""
     graphs = list(iter_graphs(model))
     nodes = [list(g) for g in graphs]
     names = Names(model)
-    smoothed = _migrate(graphs[0], nodes[0], targets, channel_max or {}, config, names)
+    read_before = {id(n): n.inputs[0].name for n in nodes[0] if n.inputs and n.inputs[0] is not None}
+    smoothed, divisors = _migrate(graphs[0], nodes[0], targets, channel_max or {}, config, names)
+    corrected: list[dict] = []
     head: dict[int, list[ir.Node]] = defaultdict(list)  # nodes to prepend to each graph (weights only)
     dynamic: list[tuple[ir.Node, Use, _Stored]] = []
     static: list[tuple[ir.Node, Use, _Stored]] = []
@@ -62,6 +68,13 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
         kernel = any(u.method in ("dynamic", "static") for u in target.uses)
         bits = 7 if kernel and reduce_range else 8
         q, params = quant.quantize_weights(np.asarray(stored_w, np.float32), axis, config.symmetric, bits)
+        if channel_mean and target.graph == 0:
+            rounded = quant.dequantize(q, params)
+            delta = (rounded.T if transposed else rounded) - weights
+            for node, use in use_nodes:
+                record = _correct_bias(node, use, delta, read_before, channel_mean, divisors)
+                if record is not None:
+                    corrected.append(record)
         stored = _Stored(graph, target.name, value.dtype, initializer(graph, names(f"{target.name}_int8"), q),
                          params, transposed, weights.ndim)
         for node, use in use_nodes:
@@ -89,14 +102,35 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
     dql_cache: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for node, use, stored in sorted(dynamic, key=lambda item: order[id(item[0])]):
         _rewrite_dynamic(node, stored, dql_cache, names)
-    return smoothed
+    return {"smoothed": smoothed, "bias_corrected": corrected}
+
+
+def _correct_bias(node: ir.Node, use: Use, delta: np.ndarray, read_before: dict[int, str],
+                  channel_mean: dict[tuple[str, int], np.ndarray], divisors: dict[int, np.ndarray]) -> dict | None:
+    """Move ``node``'s bias by the mean output shift of its weight change ``delta``. A node whose
+    input was migrated by smoothing now reads it divided by the smoothing scale, and so its mean."""
+    bias = bias_correction.bias_of(node, use.input_index)
+    activation = read_before.get(id(node))
+    mean = channel_mean.get((activation, bias_correction.channel_axis(node.op_type)))
+    if bias is None or mean is None:
+        return None
+    if id(node) in divisors:
+        mean = mean / divisors[id(node)]
+    shift = bias_correction.correction(node, delta, mean)
+    if shift is None:
+        return None
+    largest = bias_correction.apply(node, bias, shift)
+    if largest is None:
+        return None
+    return {"node": use.node_name, "bias": bias.name, "max_shift": round(largest, 6)}
 
 
 def _migrate(graph: ir.Graph, nodes: list[ir.Node], targets: list[Target], channel_max: dict[str, np.ndarray],
-             config: Int8Config, names: Names) -> list[dict]:
-    """SmoothQuant migration for main-graph activations whose every quantized reader is dynamic."""
+             config: Int8Config, names: Names) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """SmoothQuant migration for main-graph activations whose every quantized reader is dynamic.
+    Returns the records, and for each migrated reader (by node id) the divisor its input now carries."""
     if config.smoothing is None or not channel_max:
-        return []
+        return [], {}
     readers: dict[str, list[tuple[ir.Node, ir.Value]]] = defaultdict(list)
     blocked: set[str] = set()
     for target in targets:
@@ -113,15 +147,17 @@ def _migrate(graph: ir.Graph, nodes: list[ir.Node], targets: list[Target], chann
                 blocked.add(activation.name)  # a weight shared elsewhere cannot take this activation's scales
             else:
                 readers[activation.name].append((node, graph.initializers[target.name]))
-    records = []
+    records, divisors = [], {}
     for name in sorted(readers):
         if name in blocked:
             continue
         activation = readers[name][0][0].inputs[0]
         record = smoothing.migrate(graph, activation, readers[name], channel_max[name], config.smoothing, names)
         if record is not None:
+            scale = record.pop("scale")
+            divisors.update((id(node), scale) for node, _ in readers[name])
             records.append(record)
-    return records
+    return records, divisors
 
 
 def _scale_1d(stored: _Stored, names: Names) -> ir.Value:

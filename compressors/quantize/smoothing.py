@@ -79,8 +79,9 @@ def _decomposed_affine(add: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value] | Non
 def migrate(graph: ir.Graph, activation: ir.Value, uses: list[tuple[ir.Node, ir.Value]], channel_max: np.ndarray,
             alpha: float, names: Names) -> dict | None:
     """Migrate ``activation``'s scale into the weights of ``uses`` ((MatMul/Gemm node, weight
-    initializer) pairs, each weight read by that node only). Returns a stats record, or None when
-    nothing was changed."""
+    initializer) pairs, each weight read by that node only). Returns a stats record (with
+    ``scale``, the divisor now applied to the activation's channels), or None when nothing was
+    changed."""
     rows = []
     for node, weight in uses:
         w = const(weight)
@@ -99,7 +100,8 @@ def migrate(graph: ir.Graph, activation: ir.Value, uses: list[tuple[ir.Node, ir.
     inverse = (1.0 / scale).astype(np.float32)
     smoothed = _fold(activation, [n for n, _ in uses], inverse) or _insert_mul(graph, activation, uses, inverse, names)
     return {"activation": activation.name, "channels": int(scale.size), "how": smoothed,
-            "outlier_ratio": round(float(channel_max.max() / max(np.median(channel_max), FLOOR)), 2)}
+            "outlier_ratio": round(float(channel_max.max() / max(np.median(channel_max), FLOOR)), 2),
+            "scale": scale}
 
 
 def _fold(activation: ir.Value, nodes: list[ir.Node], inverse: np.ndarray) -> str | None:

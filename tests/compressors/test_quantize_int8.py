@@ -417,7 +417,7 @@ def test_numerics_match_dequantized_weights(tmp_path, mode, per_channel, symmetr
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     x = np.random.default_rng(2).random((64, 64), dtype=np.float32)
     result = _quantize(path, [{"input": x}], mode=mode, per_channel=per_channel, symmetric=symmetric,
-                       min_agreement=0.0, min_cosine=-1.0)
+                       min_agreement=0.0, min_cosine=-1.0, bias_correction=False)
     assert result.stats["quantized"] == {"MatMul": {mode: 2}}
     deq = {}
     for name in ("w1", "w2"):
