@@ -198,3 +198,69 @@ def _lloyd_vectors(data: np.ndarray, k: int, iterations: int, seed: int, chunk: 
         # An empty cluster keeps its centroid.
         centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
     return centroids
+
+
+# --------------------------------------------------------------------------- grids for GPTQ
+
+
+def uniform_codebook(bits: int) -> np.ndarray:
+    """The 2^bits integers ``-(2^(bits-1) - 1) .. 2^(bits-1)`` as float32 (0.0 at index ``2^(bits-1) - 1``).
+
+    With a step per channel and the indices entropy coded, this is entropy-coded uniform
+    quantization: at a given coded size it leaves less error than a Lloyd codebook, whose
+    equally-likely entries waste little but code at nearly the full ``bits`` (Gish & Pierce).
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8 for uint8 indices, got {bits}")
+    half = 1 << (bits - 1)
+    return np.arange(1 - half, half + 1, dtype=np.float32)
+
+
+def nearest_entry(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index (uint8) of the nearest codebook entry of each value; ties go to the lower value."""
+    order = np.argsort(codebook, kind="stable")
+    ordered = codebook[order].astype(np.float64)
+    midpoints = (ordered[:-1] + ordered[1:]) / 2
+    return order[np.searchsorted(midpoints, values, side="left")].astype(np.uint8)
+
+
+def gptq_codebook(weight: np.ndarray, prepared, scales: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """GPTQ (Frantar et al.) onto a codebook: indices [K, N] such that ``codebook[idx] * scales``
+    approximates ``weight`` [K, N] (in_out) with the least change of ``X @ W`` on the calibration
+    inputs. ``prepared`` is ``kernels.gptq.prepare_hessian(X^T X)``; ``scales`` [N] multiply each
+    output's entries. Each input row in turn is rounded to its nearest entries and its rounding
+    error is moved onto the rows not yet rounded. Exact zeros (pruned weights) stay exactly zero
+    when the codebook holds 0.0; the error of the rows around them is still compensated.
+    """
+    from modelpress.kernels.gptq import LAZY_ROWS  # the solver's lazy-batch size, kept in one place
+
+    w = np.array(weight, dtype=np.float64, copy=True)
+    n_in, n_out = w.shape
+    order, _, upper, dead = prepared
+    if upper.shape != (n_in, n_in) or scales.shape != (n_out,):
+        raise ValueError(f"weight {w.shape}, Hessian {upper.shape} and scales {scales.shape} do not agree")
+    zero_at = np.flatnonzero(codebook == 0)
+    pruned = (w == 0) if zero_at.size else np.zeros(w.shape, bool)
+    w[dead] = 0.0
+    w, pruned = w[order], pruned[order]
+    safe = np.where(scales != 0, scales, 1.0).astype(np.float64)
+    entries = codebook.astype(np.float64)
+    indices = np.empty(w.shape, np.uint8)
+    for i1 in range(0, n_in, LAZY_ROWS):
+        i2 = min(i1 + LAZY_ROWS, n_in)
+        chunk = w[i1:i2].copy()
+        u_chunk = upper[i1:i2, i1:i2]
+        errors = np.empty_like(chunk)
+        for i in range(i2 - i1):
+            index = nearest_entry(chunk[i] / safe, codebook)
+            if zero_at.size:
+                index[pruned[i1 + i]] = zero_at[0]
+            indices[i1 + i] = index
+            err = (chunk[i] - entries[index] * scales) / u_chunk[i, i]
+            chunk[i:] -= np.outer(u_chunk[i, i:], err)
+            errors[i] = err
+        if i2 < n_in:
+            w[i2:] -= upper[i1:i2, i2:].T @ errors
+    restored = np.empty_like(indices)
+    restored[order] = indices
+    return restored

