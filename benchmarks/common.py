@@ -15,3 +15,16 @@ def replace_section(path: Path, begin: str, end: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def markdown_table(columns, rows) -> list[str]:
+    """A markdown table's lines; ``|`` inside a cell is escaped."""
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|",
+            *("| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows)]
+
+
+def text_table(columns, rows) -> str:
+    """The same table for a terminal: columns padded to their widest cell."""
+    widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
+    lines = [columns, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)

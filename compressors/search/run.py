@@ -90,7 +90,8 @@ def run_search(model, recipe, context, calibration, evaluation, encoder, origina
     space = recipe.search
     groups, skipped = layer_groups(model, space)
     original = to_bytes(model)
-    bench = Workbench(original, groups, context, calibration, encoder, space.objective, space.proxy_samples)
+    bench = Workbench(original, groups, context, calibration, encoder, space.objective, space.proxy_samples,
+                      space.proxy_trim_padding, space.proxy_calibration)
     key = fingerprint(original, space, recipe.gates, context.seed, calibration, evaluation)
     journal = Journal(Path(search_dir) if search_dir else None, key, resume)
     pool = make_executor(check_executor(executor, workers, ray_address), workers, ray_address)

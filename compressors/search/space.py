@@ -5,7 +5,15 @@ problem is reported as ``file:line: search.key: message``).
 after:  a frozen ``SearchSpace``; ``layer_groups`` turns it into the concrete groups of one model
 (tensor names) and ``resolve_choice`` turns each choice into registered passes.
 
-A choice is a named preset — ``fp32``, ``int8``, ``int8-weight-only``, ``int4``, ``kmeans2``..``kmeans8``,
+Groups: ``per_tensor`` (every weight its own group), ``per_role`` (the weights that do the same job
+in repeated blocks — same name up to the block index, same shape, same op — form one group: a
+6-block transformer's 36 matrices become 6 groups, its tables 1-3 more), or a list of glob groups.
+A glob matches a weight's initializer name or the name of a node that uses it, so exports whose
+initializers are anonymous (``onnx::MatMul_886``) are grouped by their nodes
+(``/model/encoder/layer.*/intermediate/*``).
+
+A choice is a named preset — ``fp32``, ``int8``, ``int8-weight-only``, ``int4`` (GPTQ; tables 4-bit too),
+``int4-rtn`` (round to nearest, no data), ``kmeans2``..``kmeans8``,
 ``sparse<N>`` (magnitude, N % of weights), ``sparsegpt<N>``, ``2:4`` / ``4:8`` (Wanda N:M), joined with
 ``+`` across stages such as ``sparse50+kmeans4`` — or an explicit ``{name, passes: [{type: ..., ...}]}``.
 The search sets each pass's ``include`` to the group's tensors, so a choice may not set it.
@@ -35,9 +43,10 @@ if TYPE_CHECKING:  # recipe.py imports this module to validate the search: block
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 QUALITY_GATES = ("max_accuracy_drop", "min_cosine", "min_agreement")
+GROUPINGS = ("per_tensor", "per_role")
 IDENTITY = ("fp32", "none")
 PRESET_HELP = (
-    "fp32, int8, int8-weight-only, int4, kmeans2..kmeans8, sparse<1-99>, sparsegpt<1-99>, 2:4, 4:8, "
+    "fp32, int8, int8-weight-only, int4, int4-rtn, kmeans2..kmeans8, sparse<1-99>, sparsegpt<1-99>, 2:4, 4:8, "
     "or several joined by '+' across stages (e.g. sparse50+kmeans4)"
 )
 
@@ -92,7 +101,8 @@ class GroupSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(min_length=1)
-    include: tuple[str, ...] = Field(min_length=1, description="globs on initializer names")
+    include: tuple[str, ...] = Field(min_length=1, description="globs on initializer names or on the names of "
+                                     "the nodes that use them")
     exclude: tuple[str, ...] = ()
     choices: tuple[ChoiceItem, ...] | None = Field(None, description="default: the search's choices")
 
@@ -101,9 +111,10 @@ class GroupSpec(BaseModel):
 
 class SearchSpace(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    groups: tuple[GroupSpec, ...] = Field(
-        (), description="`per_tensor` (or empty): every weight tensor is its own group; or a list of glob groups "
-        "{name, include, exclude, choices} (tensors in no group stay as they are)",
+    groups: Literal["per_tensor", "per_role"] | tuple[GroupSpec, ...] = Field(
+        "per_tensor", description="`per_tensor`: every weight tensor is its own group; `per_role`: the weights doing "
+        "the same job in repeated blocks (same name up to the block index, same shape and op) form one group; "
+        "or a list of glob groups {name, include, exclude, choices} (tensors in no group stay as they are)",
     )
     choices: tuple[ChoiceItem, ...] = ("fp32", "int8", "kmeans5", "kmeans4")
     objective: Literal["size", "shipped_size", "latency"] = Field(
@@ -118,6 +129,11 @@ class SearchSpace(BaseModel):
         "many standard errors of their measurement on the held-out samples (0: exactly as measured)",
     )
     proxy_samples: int = Field(128, ge=1, description="calibration samples the sensitivity proxy runs on")
+    proxy_trim_padding: bool = Field(True, description="cut the positions that are padding in every proxy sample "
+                                     "(by a 0/1 `*mask*` input) off the proxy feeds: padded text runs several times faster")
+    proxy_calibration: Literal["all", "proxy"] = Field(
+        "all", description="what the passes of a proxy calibrate on (GPTQ, SparseGPT, ...): all calibration samples, "
+        "or only the proxy samples (cheaper on large models; the full evaluations always use all)")
     parallel_evaluations: int = Field(
         1, ge=1, le=64, description="correction moves evaluated at once (each one counts against max_evaluations); "
         "a setting of the search, not of the executor, so every executor takes the same path",
@@ -129,24 +145,26 @@ class SearchSpace(BaseModel):
 
     @field_validator("groups", mode="before")
     @classmethod
-    def _per_tensor(cls, value):
-        if isinstance(value, str):
-            if value != "per_tensor":
-                raise ValueError("groups is `per_tensor` or a list of {name, include: [globs]}")
-            return ()
-        return value
+    def _grouping(cls, value):
+        if isinstance(value, str) and value not in GROUPINGS:
+            raise ValueError("groups is `per_tensor`, `per_role` or a list of {name, include: [globs]}")
+        return value or "per_tensor"
 
     _choices = field_validator("choices")(lambda cls, v: _unique_choices(v))
-    _groups = field_validator("groups")(lambda cls, v: _unique([g.name for g in v], "group") or v)
+    _groups = field_validator("groups")(lambda cls, v: v if isinstance(v, str) else _unique([g.name for g in v], "group") or v)
 
     @model_validator(mode="after")
     def _one_meaning_per_name(self):
         meaning: dict[str, Any] = {}
-        for items in [self.choices] + [g.choices for g in self.groups if g.choices]:
+        for items in [self.choices] + [g.choices for g in self.group_specs if g.choices]:
             for item in items:
                 if meaning.setdefault(choice_name(item), item) != item:
                     raise ValueError(f"choice {choice_name(item)!r} is defined twice with different passes; rename one")
         return self
+
+    @property
+    def group_specs(self) -> tuple[GroupSpec, ...]:
+        return () if isinstance(self.groups, str) else self.groups
 
     def choices_for(self, group: GroupSpec | None) -> tuple[Choice, ...]:
         items = group.choices if group is not None and group.choices else self.choices
@@ -177,7 +195,9 @@ _PRESETS: list[tuple[str, str, str, Any]] = [
     # (regex, stage, pass type, config fields or a function of the match)
     (r"int8", "quantize", "int8", {}),
     (r"int8-weight-only", "quantize", "int8", {"mode": "weight_only"}),
-    (r"int4", "quantize", "int4", {}),
+    # int4 on a Gather table means a 4-bit table (the int4 pass's own default there is int8).
+    (r"int4", "quantize", "int4", {"embeddings": "int4"}),
+    (r"int4-rtn", "quantize", "int4", {"method": "rtn", "embeddings": "int4"}),
     (r"kmeans([2-8])", "quantize", "kmeans", lambda m: {"bits": int(m[1])}),
     (r"sparse([1-9][0-9]?)", "prune", "magnitude", lambda m: {"sparsity": int(m[1]) / 100}),
     (r"sparsegpt([1-9][0-9]?)", "prune", "sparsegpt", lambda m: {"sparsity": int(m[1]) / 100}),
@@ -277,22 +297,65 @@ def layer_groups(model, space: SearchSpace) -> tuple[list[LayerGroup], list[dict
     sizes = {v.name: int(v.const_value.size) for v in chosen}
     if not sizes:
         raise InputError(f"the model has no weight tensor of at least {space.min_elements} elements for the search to compress")
-    if not space.groups:
+    if space.groups == "per_tensor":
         choices = space.choices_for(None)
         return [LayerGroup(n, (n,), s, choices) for n, s in sizes.items()], skipped
+    if space.groups == "per_role":
+        choices = space.choices_for(None)
+        roles: dict[str, list[str]] = {}
+        for value in chosen:
+            roles.setdefault(_role(value), []).append(value.name)
+        labels = [_role_name(role, names) for role, names in roles.items()]
+        labels = [label if labels.count(label) == 1 else f"{label} [{role.split('|')[2]}]"
+                  for label, role in zip(labels, roles)]
+        return [LayerGroup(label, tuple(names), sum(sizes[n] for n in names), choices)
+                for label, names in zip(labels, roles.values())], skipped
+    aliases = {v.name: (v.name, *_user_names(v)) for v in chosen}
     groups, taken = [], set()
     for spec in space.groups:
-        names = [n for n in sizes if n not in taken and any(fnmatch.fnmatchcase(n, g) for g in spec.include)
-                 and not any(fnmatch.fnmatchcase(n, g) for g in spec.exclude)]
+        names = [n for n in sizes if n not in taken
+                 and any(fnmatch.fnmatchcase(a, g) for a in aliases[n] for g in spec.include)
+                 and not any(fnmatch.fnmatchcase(a, g) for a in aliases[n] for g in spec.exclude)]
         if not names:
             raise InputError(
                 f"search group {spec.name!r}: include {list(spec.include)} matches no searchable weight "
-                f"(not already in an earlier group); searchable: {', '.join(list(sizes)[:12])}"
+                f"(not already in an earlier group) by its name or the name of a node using it; "
+                f"searchable: {', '.join(list(sizes)[:12])}"
             )
         taken.update(names)
         groups.append(LayerGroup(spec.name, tuple(names), sum(sizes[n] for n in names), space.choices_for(spec)))
     skipped += [{"tensor": n, "reason": "in no search group"} for n in sizes if n not in taken]
     return groups, skipped
+
+
+# A block index: digits standing alone between separators ("layer.3.", "/h/11/", "blocks.0") —
+# not digits inside a word ("conv1", "MatMul_886"), which name different layers, not repeats. Only
+# the first one (the outermost repeat) is replaced: in "/layers.0/ffn/ffn.2/MatMul" the ".2" is a
+# position inside the block, a different role than ".0" there.
+_BLOCK_INDEX = re.compile(r"(?<=[./:])\d+(?=[./:]|$)")
+
+
+def _user_names(value) -> tuple[str, ...]:
+    """The names of the nodes using a weight, in graph order: torch exports name nodes after the
+    module path (``/model/encoder/layer.0/attention/self/query/MatMul``) even when the initializer
+    itself is anonymous (``onnx::MatMul_886``)."""
+    return tuple(node.name for node, _ in value.uses() if node.name)
+
+
+def _role(value) -> str:
+    """What a weight does, up to the block it sits in: its first user's name (else its own name)
+    with block indices replaced by ``*``, its op and its shape."""
+    users = [node for node, _ in value.uses()]
+    name = next((node.name for node in users if node.name), value.name)
+    op = users[0].op_type if users else "?"
+    shape = "x".join(str(d) for d in value.const_value.shape)
+    return f"{_BLOCK_INDEX.sub('*', name, count=1)}|{op}|{shape}"
+
+
+def _role_name(role: str, tensors: list[str]) -> str:
+    """A readable group name: the role's path (``/model/encoder/layer.*/intermediate/dense/MatMul``),
+    or the tensor's own name when the role holds one tensor."""
+    return role.split("|")[0] if len(tensors) > 1 else tensors[0]
 
 
 def check_fixed_passes(passes) -> str | None:
