@@ -119,7 +119,7 @@ def compress(
 
     Exit codes: 0 ok, 1 a gate missed (outputs still written), 2 bad input, 3 a pass failed.
     """
-    from modelpress.compressors.data import parse_shape_flags
+    from modelpress.compressors.synthetic import parse_shape_flags
     from modelpress.compressors.job import CompressRequest
     from modelpress.compressors.job import compress as run_compress
 
@@ -185,13 +185,13 @@ def bench(
     Example: `modelpress bench model.onnx --data eval.npz --threads 2 --runs 100`
     """
     from modelpress.compressors import benchmark
-    from modelpress.compressors import data as data_io
+    from modelpress.compressors import data as data_io, synthetic
     from modelpress.compressors.model import load_model, write_atomic
     from modelpress.compressors.recipe import BenchmarkSettings
 
     load_model(model)  # clear errors for corrupt files before ORT sees them
     inputs = data_io.model_inputs(model)
-    dataset = data_io.load_data(data, inputs) if data else data_io.synthesize(inputs, data_io.parse_shape_flags(shape or []))
+    dataset = data_io.load_data(data, inputs) if data else synthetic.synthesize(inputs, synthetic.parse_shape_flags(shape or []))
     settings = BenchmarkSettings(threads=threads, runs=runs, warmup=warmup)
     with render.progress(quiet) as progress:
         measurement = benchmark.measure(model, dataset, settings, progress)

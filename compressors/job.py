@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelpress.compressors import benchmark, data as data_io
+from modelpress.compressors import benchmark, data as data_io, synthetic
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import (
     check_output_path,
@@ -78,7 +78,7 @@ def load_datasets(model_path: Path, request: CompressRequest, seed: int):
     if request.data is not None:
         calibration = data_io.load_data(request.data, inputs)
     else:
-        calibration = data_io.synthesize(inputs, request.shapes, seed=seed)
+        calibration = synthetic.synthesize(inputs, request.shapes, seed=seed)
     evaluation = data_io.load_data(request.eval_data, inputs) if request.eval_data else calibration
     return calibration, evaluation
 

@@ -57,7 +57,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field, field_validator
 
-from modelpress.compressors import data
+from modelpress.compressors import data, synthetic
 from modelpress.compressors.calibration import Gram, capture, linear_layers, plan_rounds
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import ensure_opset, opset_version
@@ -194,7 +194,7 @@ class Int4Quantize(Pass):
         proto = ir.to_proto(model)
         if not feeds:
             try:
-                feeds = data.synthesize(data.model_inputs(proto), samples=1, seed=self.context.seed).feeds
+                feeds = synthetic.synthesize(data.model_inputs(proto), samples=1, seed=self.context.seed).feeds
             except InputError as exc:
                 notes.append(f"activation shapes unknown ({exc}): every weight folded")
                 return {}

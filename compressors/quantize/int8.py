@@ -56,7 +56,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.compressors import benchmark, calibration, data
+from modelpress.compressors import benchmark, calibration, data, synthetic
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, ensure_opset, iter_graphs, normalize, opset_version, to_bytes
 from modelpress.compressors.pipeline import Feed, Pass, PassResult
@@ -263,7 +263,7 @@ class Int8Quantize(Pass):
         feeds = [dict(f) for f in self.context.calibration or []]
         if not feeds:
             try:
-                dataset = data.synthesize(data.model_inputs(ir.to_proto(model)), samples=1, seed=self.context.seed)
+                dataset = synthetic.synthesize(data.model_inputs(ir.to_proto(model)), samples=1, seed=self.context.seed)
             except InputError as exc:
                 profile.note = f"no calibration data, and none can be synthesized ({exc}): int8 kernels not used"
                 return profile

@@ -8,7 +8,8 @@ from test_data import VOCAB, softmax_model, token_model
 
 from modelpress.compressors import benchmark
 from modelpress.compressors.benchmark import BenchSettings, compare, environment, make_session, measure, run_outputs
-from modelpress.compressors.data import load_data, model_inputs, synthesize
+from modelpress.compressors.data import load_data, model_inputs
+from modelpress.compressors.synthetic import synthesize
 from modelpress.compressors.errors import InputError, ModelpressError
 from modelpress.compressors.recipe import BenchmarkSettings
 

@@ -10,10 +10,9 @@ from modelpress.compressors.data import (
     InputSpec,
     load_data,
     model_inputs,
-    parse_shape_flags,
-    synthesize,
 )
 from modelpress.compressors.errors import InputError
+from modelpress.compressors.synthetic import parse_shape_flags, synthesize
 
 VOCAB = 50
 
