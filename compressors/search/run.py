@@ -47,6 +47,11 @@ from modelpress.compressors.search.sensitivity import (
 from modelpress.compressors.search.space import QUALITY_GATES, layer_groups
 from modelpress.compressors.search.trials import TrialRunner
 
+# A correction move must be predicted to save at least this share of the group's cost change: a
+# full evaluation is not spent on a choice that differs by a few bytes (sparsity on a Gather table,
+# which pruning skips, leaves it as the same k-means).
+MIN_MOVE_SAVING = 0.01
+
 
 class _Stop(Exception):
     def __init__(self, reason: str):
@@ -200,7 +205,9 @@ class Search:
             now = self.proxies[(group.name, current[group.name])]
             for ci, choice in enumerate(group.choices):
                 other = self.proxies[(group.name, choice.name)]
-                if (group.name, choice.name) in failed or not math.isfinite(other.loss) or other.cost >= now.cost:
+                if (group.name, choice.name) in failed or not math.isfinite(other.loss):
+                    continue
+                if now.cost - other.cost <= MIN_MOVE_SAVING * max(abs(now.cost), abs(other.cost)):
                     continue
                 ratio = (now.cost - other.cost) / (max(other.loss - now.loss, 0.0) + 1e-12)
                 ranked.append((-ratio, gi, ci, group.name, choice.name))
