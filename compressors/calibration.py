@@ -189,6 +189,8 @@ def capture(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # Threads that spin between ops starve each other on a shared machine (throughput work, not timing).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chunks = [inner[i : i + values_per_run] for i in range(0, len(inner), values_per_run)]
     for index, chunk in enumerate(chunks):
         progress("capturing calibration activations", index, len(chunks))

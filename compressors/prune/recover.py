@@ -5,7 +5,8 @@ before: a compressed model (e.g. pruned to 90 % zeros), the original model as te
 after:  the same graph — same nodes, initializer names and dtypes — with the trainable weights
 fine-tuned so the model's first output matches the teacher's: KL divergence of the tempered
 softmax for classifier outputs ([N, C]), relative MSE for other outputs (embeddings, regressions),
-optionally mixed with cross-entropy on labels and with matching of named intermediate values.
+optionally mixed with cross-entropy on labels and with matching of intermediate values, named
+(``features``) or found by op type (``feature_ops``, e.g. every transformer block's LayerNorm output).
 Every weight that was exactly zero stays exactly zero (``keep_masks``), so sparsity is unchanged.
 
 How: the graph runs in torch through an interpreter whose parameters are the initializers
@@ -25,6 +26,7 @@ integer tensors (k-means indices), graph inputs. ``include``/``exclude`` globs n
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import onnx_ir as ir
@@ -66,6 +68,10 @@ class RecoverConfig(PassConfig):
     # inflate the accuracy the report and the gates see; distilling the teacher does not leak labels.
     label_weight: float = Field(0.0, ge=0.0, le=1.0, description="share of cross-entropy on labels; 0 = pure distillation")
     features: tuple[str, ...] = Field((), description="names of intermediate values to match as well")
+    # Per-block hidden states for transformers: ["LayerNormalization"] matches every block's normalized
+    # output, a denser signal than the last layer alone when --data is a few hundred sentences.
+    feature_ops: tuple[str, ...] = Field((), description="op types whose outputs are matched as features too, "
+                                         "where the original computes the same value name with the same shape")
     feature_weight: float = Field(1.0, ge=0.0, description="weight of the feature loss when features are named")
     max_seconds: float | None = Field(600.0, gt=0.0, description="training stops after this budget (then not reproducible)")
     include: tuple[str, ...] = Field(("*",), description="globs on initializer names")
@@ -123,6 +129,11 @@ class Recover(Pass):
             return PassResult(model, modified=False, stats={"tensors_trained": 0, "skipped": skipped})
         largest = max(v.const_value.size for v in values)
         threads = 1 if largest < SINGLE_THREAD_BELOW else self.context.threads
+        # Busy-waiting OpenMP threads (torch's default) starve each other when the cores are shared:
+        # one training step of all-MiniLM-L6-v2 took 28 s with 2 spinning threads on a loaded 2-core
+        # machine, 5 s with passive waiting. Read when torch loads, so it only helps if torch is not
+        # imported yet (the CLI); results do not depend on it.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from modelpress.compressors.prune.recover_train import RecoveryTrainer, torch_settings
 
         with torch_settings(threads, self.context.seed):

@@ -56,6 +56,7 @@ def run_onnx(model_bytes: bytes, feeds: Sequence[Feed], features: Sequence[str],
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as in calibration.capture
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     outputs, extra = [], []
     for feed in feeds:

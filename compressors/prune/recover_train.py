@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -29,16 +30,20 @@ class RecoveryTrainer:
     def __init__(self, config: RecoverConfig, context: PassContext):
         self.config = config
         self.context = context
+        self.features: list[tuple[int, str]] = []  # (index into the teacher's features, value name)
 
     def recover(self, model: ir.Model, values: list[ir.Value]) -> dict:
         config: RecoverConfig = self.config
         feeds = self.context.calibration
         student = TorchGraph(model, trainable=sorted({v.name for v in values}))
-        teacher = run_onnx(self.context.original, feeds, config.features, self.context.threads)
+        names = feature_names(model, self.context.original, config)
+        teacher = run_onnx(self.context.original, feeds, names, self.context.threads)
         data = TrainingData.build(feeds, teacher, self.context.labels, config, model.graph.outputs[0].name,
                                  _output_op(model))
-        probe = {name: t.numpy() for name, t in next(data.in_order(8)).feed.items()}
+        first = next(data.in_order(8))
+        probe = {name: t.numpy() for name, t in first.feed.items()}
         _check_parity(student, model, probe, self.context.threads)
+        self.features = _same_shapes(student, first, names, set(config.features), data.notes)
 
         params = [p for _, p in student.trainable]
         zeros = sum(int((p == 0).sum()) for p in params)
@@ -65,6 +70,7 @@ class RecoveryTrainer:
             "loss": data.loss_kind,
             "samples": data.samples,
             "labels_used": data.labels_used,
+            "features_matched": len(self.features),
             "zeros_kept": zeros if config.keep_masks else None,
             "trained": trained,
             "not_reached": [v.name for v, p in student.trainable if id(p) not in reached],
@@ -133,7 +139,7 @@ class RecoveryTrainer:
 
     def _loss(self, student: TorchGraph, batch: Batch, data: TrainingData) -> torch.Tensor:
         config: RecoverConfig = self.config
-        outputs = student.run(batch.feed, extra=config.features)
+        outputs = student.run(batch.feed, extra=[name for _, name in self.features])
         full = data.view(outputs[data.output])
         out, teacher = _real(full, batch.teacher, batch.mask)
         if data.loss_kind == "kl":
@@ -143,8 +149,8 @@ class RecoveryTrainer:
                 loss = (1 - config.label_weight) * loss + config.label_weight * ce
         else:
             loss = relative_mse(out, teacher)
-        if config.features and config.feature_weight > 0:
-            matched = [relative_mse(*_real(outputs[n], t, batch.mask)) for n, t in zip(config.features, batch.features)]
+        if self.features and config.feature_weight > 0:
+            matched = [relative_mse(*_real(outputs[n], batch.features[i], batch.mask)) for i, n in self.features]
             loss = loss + config.feature_weight * torch.stack(matched).mean()
         return loss
 
@@ -171,6 +177,48 @@ class RecoveryTrainer:
         if labels:
             result["label_accuracy"] = round(float(torch.cat(labels).mean()), 6)
         return result
+
+
+def feature_names(model: ir.Model, original: bytes, config: RecoverConfig) -> list[str]:
+    """The named features, then the outputs of ``feature_ops`` nodes the original also computes
+    (by name), in graph order; graph outputs are matched anyway and left out."""
+    names = list(config.features)
+    if not config.feature_ops:
+        return names
+    computed = {o for node in onnx.load_model_from_string(original).graph.node for o in node.output}
+    outputs = {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        value = node.outputs[0] if node.op_type in config.feature_ops and node.outputs else None
+        if value is not None and value.name in computed and value.name not in outputs and value.name not in names:
+            names.append(value.name)
+    return names
+
+
+@torch.no_grad()
+def _same_shapes(student: TorchGraph, batch: Batch, names: list[str], named: set[str],
+                 notes: list[str]) -> list[tuple[int, str]]:
+    """(index into the teacher's features, name) of the features whose student value has the teacher's
+    shape on a probe batch. A mismatch is an error for a feature named in ``features`` and left out
+    (with a note) for one found through ``feature_ops`` — e.g. a Conv output that structured pruning
+    narrowed."""
+    if not names:
+        return []
+    values = student.run(batch.feed, extra=names)
+    kept, dropped = [], []
+    for i, name in enumerate(names):
+        if tuple(values[name].shape) == tuple(batch.features[i].shape):
+            kept.append((i, name))
+        elif name in named:
+            raise ValueError(f"feature {name!r} has shape {tuple(values[name].shape)} in the compressed model but "
+                             f"{tuple(batch.features[i].shape)} in the original: name values both models share")
+        else:
+            dropped.append(name)
+    if dropped:
+        notes.append(f"{len(dropped)} feature_ops value(s) left out, shapes differ from the original's: "
+                     + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+    if kept and len(kept) > len(named & set(names)):
+        notes.append(f"{len(kept)} intermediate values matched as features")
+    return kept
 
 
 def _real(out: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
