@@ -72,8 +72,8 @@ def tensor_table(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The report's per-tensor table, from the pass statistics: for each weight tensor its original,
     runnable and shipped bytes, sparsity and bits per weight.
 
-    Sources: prune passes' ``per_tensor`` (sparsity), the kmeans pass's ``per_tensor`` (original and
-    runnable bytes, bits, and the initializers a weight became), and the encode pass's ``per_tensor``
+    Sources: prune passes' ``per_tensor`` (sparsity), quantize passes' ``per_tensor`` (kmeans, int8:
+    original and runnable bytes, codebook bits, and the initializers a weight became), and the encode pass's ``per_tensor``
     (coded bytes of each initializer it coded on its own). Tensors small enough to stay in the
     compressed graph skeleton are charged the skeleton's compression ratio (``in_skeleton``).
     """
@@ -94,8 +94,10 @@ def tensor_table(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 sparsity = value.get("sparsity") if isinstance(value, dict) else value
                 if isinstance(sparsity, (int, float)):
                     rows.setdefault(name, {"tensor": name})["sparsity"] = sparsity
-        elif record.get("name") == "kmeans":
+        elif stage == "quantize":  # kmeans, int8: what each weight became
             for name, info in per_tensor.items():
+                if not isinstance(info, dict) or "bytes_before" not in info:
+                    continue  # int4 / fp16 report other figures per tensor
                 row = rows.setdefault(name, {"tensor": name})
                 row.update(original_bytes=info["bytes_before"], runnable_bytes=info["bytes_after"],
                            elements=info.get("elements"), codebook_bits=info.get("bits"),

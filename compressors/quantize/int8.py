@@ -248,6 +248,7 @@ class Int8Quantize(Pass):
             "decisions": decisions,
             "smoothed": verification.pop("smoothed", []),
             "bias_corrected": len(verification.pop("bias_corrected", [])),
+            "per_tensor": verification.pop("per_tensor", {}),
             "reduce_range": self._reduce,
             "verification": verification,
             "skipped": skipped,
@@ -414,6 +415,7 @@ class Int8Quantize(Pass):
                                  profile.channel_mean)
             verification["smoothed"] = emitted["smoothed"]
             verification["bias_corrected"] = emitted["bias_corrected"]
+            verification["per_tensor"] = emitted["per_tensor"]
             if reference is None or not profile.feeds:
                 return built, plan, verification
             candidate = to_bytes(built)

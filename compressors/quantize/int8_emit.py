@@ -4,7 +4,7 @@ weight-only (Cast*scale, folded by ORT at load), dynamic (MatMulInteger) or stat
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,6 +35,11 @@ class _Stored:
     dequantized: ir.Value | None = None  # Cast+Mul output (weight-only uses)
     dq: ir.Value | None = None  # DequantizeLinear output (static uses)
     kn: ir.Value | None = None  # int8 [K, N] for dynamic uses
+    parts: list[ir.Value] = field(default_factory=list)  # every initializer this weight became
+
+    def own(self, value: ir.Value) -> ir.Value:
+        self.parts.append(value)
+        return value
 
 
 def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[float, float]], config: Int8Config,
@@ -54,6 +59,7 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
     read_before = {id(n): n.inputs[0].name for n in nodes[0] if n.inputs and n.inputs[0] is not None}
     smoothed, divisors = _migrate(graphs[0], nodes[0], targets, channel_max or {}, config, names)
     corrected: list[dict] = []
+    all_stored: list[tuple[_Stored, int, int]] = []  # (weight, its bytes before, its elements)
     head: dict[int, list[ir.Node]] = defaultdict(list)  # nodes to prepend to each graph (weights only)
     dynamic: list[tuple[ir.Node, Use, _Stored]] = []
     static: list[tuple[ir.Node, Use, _Stored]] = []
@@ -77,6 +83,8 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
                     corrected.append(record)
         stored = _Stored(graph, target.name, value.dtype, initializer(graph, names(f"{target.name}_int8"), q),
                          params, transposed, weights.ndim)
+        stored.own(stored.q)
+        all_stored.append((stored, int(weights.nbytes), int(weights.size)))
         for node, use in use_nodes:
             if use.method == "weight_only":
                 node.replace_input_with(use.input_index, _dequantized(stored, head[target.graph], names))
@@ -102,7 +110,11 @@ def apply_plan(model: ir.Model, targets: list[Target], ranges: dict[str, tuple[f
     dql_cache: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for node, use, stored in sorted(dynamic, key=lambda item: order[id(item[0])]):
         _rewrite_dynamic(node, stored, dql_cache, names)
-    return {"smoothed": smoothed, "bias_corrected": corrected}
+    per_tensor = {stored.name: {"bytes_before": before, "elements": elements,
+                                "bytes_after": sum(v.const_value.nbytes for v in stored.parts),
+                                "stored_as": [v.name for v in stored.parts]}
+                  for stored, before, elements in all_stored}
+    return {"smoothed": smoothed, "bias_corrected": corrected, "per_tensor": per_tensor}
 
 
 def _correct_bias(node: ir.Node, use: Use, delta: np.ndarray, read_before: dict[int, str],
@@ -162,7 +174,7 @@ def _migrate(graph: ir.Graph, nodes: list[ir.Node], targets: list[Target], chann
 
 def _scale_1d(stored: _Stored, names: Names) -> ir.Value:
     if stored.scale_1d is None:
-        stored.scale_1d = initializer(stored.graph, names(f"{stored.name}_scale"), stored.params.scale)
+        stored.scale_1d = stored.own(initializer(stored.graph, names(f"{stored.name}_scale"), stored.params.scale))
     return stored.scale_1d
 
 
@@ -170,7 +182,7 @@ def _zero_point(stored: _Stored, names: Names) -> ir.Value | None:
     if stored.params.symmetric:
         return None
     if stored.zero_point is None:
-        stored.zero_point = initializer(stored.graph, names(f"{stored.name}_zp"), stored.params.zero_point)
+        stored.zero_point = stored.own(initializer(stored.graph, names(f"{stored.name}_zp"), stored.params.zero_point))
     return stored.zero_point
 
 
@@ -186,14 +198,15 @@ def _dequantized(stored: _Stored, head: list[ir.Node], names: Names) -> ir.Value
     if shape and params.axis == stored.ndim - 1 and float_np == np.float32:
         scale = _scale_1d(stored, names)  # [N] broadcasts against [..., N]: share the kernels' scale
     else:
-        scale = initializer(stored.graph, names(f"{stored.name}_scale_w"), params.scale.reshape(shape).astype(float_np))
+        scale = stored.own(initializer(stored.graph, names(f"{stored.name}_scale_w"),
+                                       params.scale.reshape(shape).astype(float_np)))
     cast = ir.node("Cast", [stored.q], {"to": stored.dtype})
     cast.outputs[0].name = names(f"{stored.name}_cast")
     value = cast.outputs[0]
     head.append(cast)
     if not params.symmetric:
-        zero = initializer(stored.graph, names(f"{stored.name}_zp_w"),
-                            params.zero_point.astype(np.float32).reshape(shape).astype(float_np))
+        zero = stored.own(initializer(stored.graph, names(f"{stored.name}_zp_w"),
+                                      params.zero_point.astype(np.float32).reshape(shape).astype(float_np)))
         sub = ir.node("Sub", [value, zero])
         sub.outputs[0].name = names(f"{stored.name}_centred")
         head.append(sub)
@@ -258,8 +271,8 @@ def _rewrite_dynamic(node: ir.Node, stored: _Stored, cache: dict, names: Names) 
     weight_scale = _scale_1d(stored, names)
     alpha = float_attr(node, "alpha") if node.op_type == "Gemm" else 1.0
     if alpha != 1.0:
-        weight_scale = initializer(stored.graph, names(f"{base}_alpha_scale"),
-                                    (stored.params.scale * np.float32(alpha)).astype(np.float32))
+        weight_scale = stored.own(initializer(stored.graph, names(f"{base}_alpha_scale"),
+                                    (stored.params.scale * np.float32(alpha)).astype(np.float32)))
     scale = ir.node("Mul", [xs, weight_scale])
     scale.outputs[0].name = names(f"{base}_scale")
     product = ir.node("Mul", [cast.outputs[0], scale.outputs[0]])

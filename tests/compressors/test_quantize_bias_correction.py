@@ -146,3 +146,19 @@ def test_padding_positions_are_left_out_of_the_means(tmp_path):
     delta = quant.dequantize(q, params) - w
     expected = b - x[mask == 1].astype(np.float64).mean(axis=0) @ delta
     np.testing.assert_allclose(_initializer(result.model, "b"), expected, rtol=0, atol=1e-6)
+
+
+def test_per_tensor_stats_join_the_report_table(tmp_path):
+    """int8 says what each weight became, so the report's tensor table has its bytes before and after."""
+    from modelpress.compressors.summary import tensor_table
+
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_mlp(), path)
+    x = np.random.default_rng(7).random((16, 64), dtype=np.float32)
+    result = _quantize(path, [{"input": x}], mode="weight_only")
+    w1 = result.stats["per_tensor"]["w1"]
+    assert w1["bytes_before"] == 64 * 128 * 4 and w1["bytes_after"] == 64 * 128 + 128 * 4  # int8 + channel scales
+    stored = {v.name: v.const_value.nbytes for v in result.model.graph.initializers.values()}
+    assert sum(stored[name] for name in w1["stored_as"]) == w1["bytes_after"]
+    rows = {r["tensor"]: r for r in tensor_table([{"stage": "quantize", "name": "int8", "stats": result.stats}])}
+    assert (rows["w1"]["original_bytes"], rows["w1"]["runnable_bytes"]) == (32768, 8704)
