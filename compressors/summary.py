@@ -102,8 +102,8 @@ def tensor_table(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row.update(original_bytes=info["bytes_before"], runnable_bytes=info["bytes_after"],
                            elements=info.get("elements"), codebook_bits=info.get("bits"),
                            stored_as=info.get("stored_as", []))
-                if info.get("elements"):
-                    row.setdefault("sparsity", round(info.get("zeros_kept", 0) / info["elements"], 4))
+                if info.get("elements") and "zeros_kept" in info:
+                    row.setdefault("sparsity", round(info["zeros_kept"] / info["elements"], 4))
     if not coded and skeleton_ratio is None:
         return [_finish(row) for row in rows.values()]
     for name, info in coded.items():  # coded tensors no pass changed: the payload is the weight

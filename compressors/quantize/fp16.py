@@ -101,8 +101,9 @@ class Fp16Quantize(Pass):
                     stored = weights.astype(NUMPY_TYPE[config.dtype])
                 reason, figures = _conversion_check(weights, stored, config.dtype, limit)
                 if reason is None:
-                    _store(graph, value, stored, SUFFIX[config.dtype], names)
-                    per_tensor[name] = figures
+                    kept = _store(graph, value, stored, SUFFIX[config.dtype], names)
+                    per_tensor[name] = {**figures, "bytes_before": int(weights.nbytes), "bytes_after": int(stored.nbytes),
+                                        "elements": int(weights.size), "stored_as": [kept]}
             if reason is not None:
                 skipped.append({"tensor": name, "reason": reason})
         bytes_after = initializer_bytes(model)
@@ -145,11 +146,13 @@ def _conversion_check(weights: np.ndarray, stored: np.ndarray, dtype: str, limit
     return None, figures
 
 
-def _store(graph: ir.Graph, value: ir.Value, stored: np.ndarray, suffix: str, names: Names) -> None:
+def _store(graph: ir.Graph, value: ir.Value, stored: np.ndarray, suffix: str, names: Names) -> str:
     """``value`` becomes ``Cast(value_<suffix>, to=float)`` under its own name, first in ``graph``
-    (consumers in nested subgraphs see it as an outer-scope value, as they saw the initializer)."""
+    (consumers in nested subgraphs see it as an outer-scope value, as they saw the initializer).
+    Returns the name of the 16-bit initializer."""
     name = value.name
-    cast = ir.node("Cast", [initializer(graph, names(f"{name}_{suffix}"), stored)], {"to": ir.DataType.FLOAT})
+    half = initializer(graph, names(f"{name}_{suffix}"), stored)
+    cast = ir.node("Cast", [half], {"to": ir.DataType.FLOAT})
     out = cast.outputs[0]
     out.name = names(f"{name}_cast")  # no type/shape: onnx-ir would write a value_info entry for it
     first = next(iter(graph), None)
@@ -157,3 +160,4 @@ def _store(graph: ir.Graph, value: ir.Value, stored: np.ndarray, suffix: str, na
     value.replace_all_uses_with(out)
     graph.initializers.pop(name)
     out.name = name  # the graph reads as before: W = Cast(W_fp16)
+    return half.name

@@ -96,6 +96,8 @@ def test_weights_stored_16_bit_outputs_match_rounded_fp32(tmp_path, dtype, numpy
         original = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
         assert figures["max_abs_error"] <= np.abs(original).max() * limit * 1.0001
         assert 0 < figures["relative_error"] <= limit
+        assert (figures["bytes_before"], figures["bytes_after"]) == (original.nbytes, original.nbytes // 2)
+        assert figures["stored_as"][0] in {v.name for v in result.model.graph.initializers.values()}
 
 
 def test_overflow_and_underflow_stay_fp32_with_reason():
