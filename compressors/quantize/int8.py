@@ -49,26 +49,25 @@ then all), down to weight-only, which runs the input model's kernels.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.compressors import benchmark, calibration, data, synthetic
+from modelpress.compressors import benchmark
 from modelpress.compressors.errors import InputError
-from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, ensure_opset, iter_graphs, normalize, opset_version, to_bytes
+from modelpress.compressors.model import ensure_opset, iter_graphs, normalize, opset_version, to_bytes
 from modelpress.compressors.pipeline import Feed, Pass, PassResult
 from modelpress.compressors.quantize.graph_edits import Names, fold_batchnorm, initializer_bytes
-from modelpress.compressors.quantize import bias_correction, smoothing
 from modelpress.compressors.quantize.int8_emit import apply_plan
+from modelpress.compressors.quantize.int8_profile import Profile, build_profile
 from modelpress.compressors.quantize.int8_place import (
-    Target, Use, mark_kernel_candidates, micro_model, rule_prefers_kernel, select_targets, signature, static_output)
+    Target, Use, mark_kernel_candidates, micro_model, rule_prefers_kernel, select_targets, signature)
 from modelpress.compressors.quantize.ort_probe import (  # noqa: F401  (Timing, TIMING_ROUNDS: re-exported)
-    TIMING_ROUNDS, FirstShape, Timing, batch_of, fidelity, inferred_shapes, latency_feed, time_models, value_errors)
+    TIMING_ROUNDS, Timing, batch_of, fidelity, latency_feed, time_models, value_errors)
 from modelpress.compressors.selection import WeightFilterConfig
-from modelpress.kernels import quant
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 
@@ -81,8 +80,6 @@ MIN_OP_SPEEDUP = 1.15
 # ``never_slower``: the int8 kernels go when the whole model is slower than the input model by more
 # than timing noise: paired median latency ratio above this, and the best times agreeing.
 SLOWER_RATIO = 1.05
-# Calibration captures this many activations per ORT run, so memory stays a few layers' worth.
-CAPTURE_GROUP = 16
 CHECK_MAX_BYTES = 512 << 20
 # Partial fallback: the shares of kernel layers (largest added error first) given back their fp32
 # kernel, in turn, when the int8 kernels miss the output check; ranked on this many samples. The
@@ -161,20 +158,6 @@ class Int8Config(WeightFilterConfig):
 
 
 
-@dataclass
-class Profile:
-    """What the calibration feeds showed: activation shapes and (for static QDQ) ranges."""
-
-    feeds: list[Feed] = field(default_factory=list)
-    latency_feed: Feed | None = None  # the input latency is judged on (see latency_feed)
-    synthesized: bool = False
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # normalization outputs, for smoothing
-    channel_mean: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # biased layers' inputs
-    note: str | None = None
-
-
 class Int8Quantize(Pass):
     name = "int8"
     stage = "quantize"
@@ -206,7 +189,7 @@ class Int8Quantize(Pass):
                 targets, _ = select_targets(prepared, config)
 
         correct_biases = config.bias_correction and bool(self.context.calibration)
-        profile = self._profile(prepared, targets, calibrate=kernels_wanted or correct_biases)
+        profile = build_profile(prepared, targets, config, self.context, calibrate=kernels_wanted or correct_biases)
         if profile.note:
             notes.append(profile.note)
         decisions: list[dict[str, Any]] = []
@@ -255,85 +238,6 @@ class Int8Quantize(Pass):
             "notes": notes,
         }
         return PassResult(quantized, modified=bool(final) or folded > 0, stats=stats)
-
-    # ----------------------------------------------------------------------- calibration
-
-    def _profile(self, model: ir.Model, targets: list[Target], calibrate: bool) -> Profile:
-        """Feeds (given or synthesized), activation shapes, and ranges of static-QDQ candidates."""
-        profile = Profile()
-        feeds = [dict(f) for f in self.context.calibration or []]
-        if not feeds:
-            try:
-                dataset = synthetic.synthesize(data.model_inputs(ir.to_proto(model)), samples=1, seed=self.context.seed)
-            except InputError as exc:
-                profile.note = f"no calibration data, and none can be synthesized ({exc}): int8 kernels not used"
-                return profile
-            feeds, profile.synthesized = dataset.feeds, True
-        profile.feeds = feeds
-        profile.latency_feed = latency_feed(model, feeds[0], self.config.latency_batch)
-        if not calibrate:
-            return profile
-        proto = ir.to_proto(model)
-        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            profile.note = "model too large to calibrate in memory: int8 kernels not used"
-            profile.feeds = []
-            return profile
-        profile.shapes.update(inferred_shapes(proto, profile.latency_feed))  # subgraph values too
-
-        # Main-graph activations: the input of every MatMul/Gemm/Conv using a target (its shape on
-        # the latency feed decides the kernel), and for static-QDQ candidates the ranges of input
-        # and output over all feeds.
-        main_nodes = list(model.graph)
-        shapes: dict[str, FirstShape] = {}
-        ranges: dict[str, quant.MinMaxObserver] = {}
-        channel_max: dict[str, smoothing.ChannelAbsMax] = {}
-        channel_mean: dict[tuple[str, int], bias_correction.ChannelMean] = {}
-        for target in targets:
-            for use in target.uses:
-                if use.node[0] != 0 or use.op_type not in ("MatMul", "Gemm", "Conv"):
-                    continue
-                node = main_nodes[use.node[1]]
-                activation, out = node.inputs[0], static_output(node)
-                if activation is None or not activation.name or activation.is_initializer():
-                    continue
-                if self.config.bias_correction and not profile.synthesized \
-                        and bias_correction.bias_of(node, use.input_index) is not None:
-                    axis = bias_correction.channel_axis(use.op_type)
-                    channel_mean.setdefault((activation.name, axis), bias_correction.ChannelMean(axis))
-                shapes.setdefault(activation.name, FirstShape())
-                static_possible = (use.op_type == "Conv" and self.config.mode in ("auto", "static")) or (
-                    use.op_type == "MatMul" and self.config.mode == "static"
-                )
-                if static_possible and out is not None and not profile.synthesized:
-                    for name in (activation.name, out.name):
-                        ranges.setdefault(name, quant.MinMaxObserver())
-                smoothable = use.op_type in ("MatMul", "Gemm") and self.config.mode in ("auto", "dynamic")
-                if smoothable and self.config.smoothing is not None and not profile.synthesized \
-                        and smoothing.normalization_output(activation):
-                    channel_max.setdefault(activation.name, smoothing.ChannelAbsMax())
-        capture_options = dict(threads=self.context.threads, progress=self.context.progress, values_per_run=CAPTURE_GROUP)
-        try:
-            calibration.capture(model, list(shapes.items()), [profile.latency_feed], **capture_options)
-            calibration.capture(model, list(ranges.items()) + list(channel_max.items()), feeds, **capture_options)
-            if channel_mean:  # a run of its own: its means leave padding out, the ranges keep it
-                masks = calibration.padding_masks(feeds, self.config.padding_mask)
-                calibration.capture(model, [(name, mean) for (name, _), mean in channel_mean.items()], feeds,
-                                    row_masks=masks, **capture_options)
-            if self.config.calibration != "minmax":
-                histograms = {n: quant.HistogramObserver(*o.range()) for n, o in ranges.items() if o.seen}
-                calibration.capture(model, list(histograms.items()), feeds, **capture_options)
-                profile.ranges = {n: h.range(self.config.calibration, self.config.percentile)
-                                  for n, h in histograms.items()}
-            else:
-                profile.ranges = {n: o.range() for n, o in ranges.items() if o.seen}
-        except Exception as exc:  # an ORT failure must not fail the pass: weight-only still works
-            profile.note = f"calibration run failed ({type(exc).__name__}: {str(exc)[:200]}): int8 kernels not used"
-            profile.feeds = []
-            return profile
-        profile.shapes.update({n: r.shape for n, r in shapes.items() if r.shape is not None})
-        profile.channel_max = {n: r.value for n, r in channel_max.items() if r.value is not None}
-        profile.channel_mean = {key: r.value for key, r in channel_mean.items() if r.value is not None}
-        return profile
 
     # ----------------------------------------------------------------------- placement
 

@@ -41,7 +41,8 @@ from modelpress.compressors.quantize.graph_edits import const, float_attr, int_a
 from modelpress.compressors.selection import select_weights
 
 if TYPE_CHECKING:  # the pass module imports this one
-    from modelpress.compressors.quantize.int8 import Int8Config, Profile
+    from modelpress.compressors.quantize.int8 import Int8Config
+    from modelpress.compressors.quantize.int8_profile import Profile
 
 # ``placement: rule``, fitted to the tables in the module docstring.
 RULE_DYNAMIC_MACS = 1 << 20  # M*K*N: below, quantizing the activation costs what the kernel saves
