@@ -394,9 +394,11 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=int, default=256, help="calibration sentences (default 256)")
+def parser(description: str, calibration: int = 256) -> argparse.ArgumentParser:
+    """The arguments every MiniLM benchmark script takes; a script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--calibration", type=int, default=calibration,
+                        help=f"calibration sentences (default {calibration}; every third docstring sentence)")
     parser.add_argument("--evaluation", type=int, default=400, help="evaluation sentences (default 400)")
     parser.add_argument("--quick", action="store_true", help="100 timed runs and 10 warm-ups instead of 400 and 30")
     parser.add_argument("--runs", type=int, help="timed runs per variant (overrides --quick)")
@@ -406,39 +408,49 @@ def parse_args(argv=None):
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to refresh")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
+    return parser
+
+
+def parsed(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The arguments, with the timed runs and warm-ups --quick implies when not given."""
     args = parser.parse_args(argv)
     args.runs = args.runs or (100 if args.quick else 400)
     args.warmup = args.warmup if args.warmup is not None else (10 if args.quick else 30)
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
-    env = machine()
-    with tempfile.TemporaryDirectory(prefix="minilm_") as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
-        model = export_minilm(work / "all-MiniLM-L6-v2.onnx")
+def command_line(script: str, argv=None) -> str:
+    """The command that produced a figure, as it would be typed from the repository root."""
+    return "python " + shlex.join([os.path.relpath(script, REPO), *(sys.argv[1:] if argv is None else argv)])
+
+
+def sentence_data(work: Path, calibration: int, evaluation: int, reuse: bool = False) -> tuple[dict, dict]:
+    """Tokenized calibration (every third docstring sentence) and evaluation sentences (every other
+    one of the rest), saved as ``work/calibration.npz`` and ``work/evaluation.npz``. With ``reuse``
+    the files already there are read back: the docstring sentences depend a little on what the
+    process imported before (a package's submodules become attributes once imported), so a rerun
+    that must see the same data (a resumed search) reads it instead of collecting it again."""
+    paths = work / "calibration.npz", work / "evaluation.npz"
+    if not (reuse and all(path.exists() for path in paths)):
         sentences = docstring_sentences()
-        calibration = tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][: args.calibration])
-        evaluation = tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
-        np.savez(work / "calibration.npz", **calibration)
-        np.savez(work / "evaluation.npz", **evaluation)
-        (work / "int8-no-smoothing.yaml").write_text(NO_SMOOTHING_RECIPE)
-        variants = [Variant("fp32", model)]
-        for recipe, label in (("int8", "modelpress int8"), ("int4", "modelpress int4"),
-                              (str(work / "int8-no-smoothing.yaml"), "diagnostic int8-no-smoothing")):
-            print(f"modelpress --recipe {recipe} ...", file=sys.stderr, flush=True)
-            variants.append(run_modelpress(model, recipe, label, work / "calibration.npz", work / "evaluation.npz"))
-        variants += [run_ort_dynamic(model, True), run_ort_dynamic(model, False)]
-        print("measuring ...", file=sys.stderr, flush=True)
-        probe = {k: v[:1] for k, v in evaluation.items()}
-        for v in variants:
-            open_session(v, args.threads, probe)
-        measure(variants, evaluation, args.runs, args.warmup)
-    table, lines = rows(variants), verdicts(variants)
+        np.savez(paths[0], **tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][:calibration]))
+        np.savez(paths[1], **tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][:evaluation]))
+    return tuple({k: v for k, v in np.load(path).items()} for path in paths)
+
+
+def measure_variants(variants: list[Variant], evaluation: dict[str, np.ndarray], args: argparse.Namespace) -> None:
+    """Open every variant's session (checked on one sentence), then ``measure``."""
+    print("measuring ...", file=sys.stderr, flush=True)
+    probe = {k: v[:1] for k, v in evaluation.items()}
+    for v in variants:
+        open_session(v, args.threads, probe)
+    measure(variants, evaluation, args.runs, args.warmup)
+
+
+def publish(args: argparse.Namespace, command: str, env: dict, variants: list[Variant], table, lines: list[str],
+            section: tuple[str, str, str]) -> None:
+    """Print the table and verdicts; write the raw figures (--json) and the RESULTS.md section
+    ``(begin, end, markdown)`` unless --no-write."""
     print_table(table)
     print("\n".join(lines))
     if args.json:
@@ -446,9 +458,30 @@ def main(argv=None) -> int:
             {"variant": v.label, "status": v.status, "note": v.note,
              **{k: x for k, x in v.figures.items() if k != "report"}} for v in variants]}, indent=2))
     if not args.no_write:
-        counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
-        replace_section(args.results, BEGIN, END, markdown(table, lines, env, command, args, counts))
+        replace_section(args.results, *section)
         print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parsed(parser(__doc__.splitlines()[0]), argv)
+    command, env = command_line(__file__, argv), machine()
+    with tempfile.TemporaryDirectory(prefix="minilm_") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
+        model = export_minilm(work / "all-MiniLM-L6-v2.onnx")
+        calibration, evaluation = sentence_data(work, args.calibration, args.evaluation)
+        (work / "int8-no-smoothing.yaml").write_text(NO_SMOOTHING_RECIPE)
+        variants = [Variant("fp32", model)]
+        for recipe, label in (("int8", "modelpress int8"), ("int4", "modelpress int4"),
+                              (str(work / "int8-no-smoothing.yaml"), "diagnostic int8-no-smoothing")):
+            print(f"modelpress --recipe {recipe} ...", file=sys.stderr, flush=True)
+            variants.append(run_modelpress(model, recipe, label, work / "calibration.npz", work / "evaluation.npz"))
+        variants += [run_ort_dynamic(model, True), run_ort_dynamic(model, False)]
+        measure_variants(variants, evaluation, args)
+    table, lines = rows(variants), verdicts(variants)
+    counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
+    publish(args, command, env, variants, table, lines, (BEGIN, END, markdown(table, lines, env, command, args, counts)))
     return 0
 
 

@@ -25,18 +25,14 @@ model not slower than fp32. It is a benchmark, not a test: nothing here asserts.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +40,6 @@ import minilm  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
 from compare_int8 import machine  # noqa: E402
 from common import replace_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- minilm-deep:begin -->", "<!-- minilm-deep:end -->"
 TARGETS = {"size": 10.0, "cosine": 0.98, "latency": 1.0}
 
@@ -82,51 +77,34 @@ def shipped_by_group(model: Path, report: dict) -> list[list[str]]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = minilm.parser(__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="deep-compression-transformer", help="recipe name or file")
-    parser.add_argument("--calibration", type=int, default=256, help="calibration sentences (default 256)")
-    parser.add_argument("--evaluation", type=int, default=400, help="evaluation sentences (default 400)")
-    parser.add_argument("--quick", action="store_true", help="100 timed runs and 10 warm-ups instead of 400 and 30")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    parser.add_argument("--work-dir", type=Path, help="keep the models, data and reports here")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
-    args = parser.parse_args(argv)
-    args.runs, args.warmup = (100, 10) if args.quick else (400, 30)
-    return args
+    return minilm.parsed(parser, argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
-    env = machine()
+    command, env = minilm.command_line(__file__, argv), machine()
     with tempfile.TemporaryDirectory(prefix="minilm_deep_") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
         model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
-        sentences = minilm.docstring_sentences()
-        calibration = minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][: args.calibration])
-        evaluation = minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
-        np.savez(work / "calibration.npz", **calibration)
-        np.savez(work / "evaluation.npz", **evaluation)
+        calibration, evaluation = minilm.sentence_data(work, args.calibration, args.evaluation)
         print(f"modelpress --recipe {args.recipe} ...", file=sys.stderr, flush=True)
         deep = minilm.run_modelpress(model, args.recipe, "modelpress deep", work / "calibration.npz",
                                      work / "evaluation.npz")
         report = deep.figures.get("report")
         exact = decode_exact(deep.path) if report and report["artifacts"]["packed"] else False
         variants = [minilm.Variant("fp32", model), deep, minilm.Variant("fp32 (control)", model)]
-        print("measuring ...", file=sys.stderr, flush=True)
-        probe = {k: v[:1] for k, v in evaluation.items()}
-        for v in variants:
-            minilm.open_session(v, args.threads, probe)
-        minilm.measure(variants, evaluation, args.runs, args.warmup)
+        minilm.measure_variants(variants, evaluation, args)
         groups = shipped_by_group(model, report) if report else []
     body = markdown(args, env, command, variants, report, exact, groups,
                     (len(calibration["input_ids"]), len(evaluation["input_ids"])))
     print(body)
     if not args.no_write:
-        replace_section(minilm.RESULTS, BEGIN, END, body)
-        print(f"wrote {os.path.relpath(minilm.RESULTS)}", file=sys.stderr)
+        replace_section(args.results, BEGIN, END, body)
+        print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
     return 0
 
 

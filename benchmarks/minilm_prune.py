@@ -30,11 +30,8 @@ section of benchmarks/RESULTS.md. A benchmark, not a test: nothing here asserts.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -46,7 +43,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm
-from common import replace_section
 from compare_int8 import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,35 +163,23 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = minilm.parser(__doc__.splitlines()[0], calibration=463)
     parser.add_argument("--variants", nargs="+", choices=ALL, default=list(ALL))
-    parser.add_argument("--calibration", type=int, default=463,
-                        help="calibration sentences (default 463: every third docstring sentence, all of them)")
-    parser.add_argument("--evaluation", type=int, default=400, help="evaluation sentences (default 400)")
-    parser.add_argument("--runs", type=int, default=100, help="timed runs per variant")
-    parser.add_argument("--warmup", type=int, default=10, help="warm-up runs per variant")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    parser.add_argument("--work-dir", type=Path, help="keep the models, data and reports here")
-    parser.add_argument("--results", type=Path, default=minilm.RESULTS, help="markdown file to refresh")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
-    parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    return parser.parse_args(argv)
+    parser.set_defaults(quick=True)  # 100 timed runs: each variant already costs many minutes
+    return minilm.parsed(parser, argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
-    env = machine()
+    command, env = minilm.command_line(__file__, argv), machine()
     with tempfile.TemporaryDirectory(prefix="minilm_prune_") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
         model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
-        sentences = minilm.docstring_sentences()
-        calibration = unpadded(minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][: args.calibration]))
-        evaluation = minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
+        calibration, evaluation = minilm.sentence_data(work, args.calibration, args.evaluation)
+        calibration = unpadded(calibration)
         np.savez(work / "calibration.npz", **calibration)
-        np.savez(work / "evaluation.npz", **evaluation)
         variants = [minilm.Variant("fp32", model)]
         for label in args.variants:
             recipe = "sparse-50" if label == "sparse-50" else str(work / f"{label}.yaml")
@@ -206,22 +190,11 @@ def main(argv=None) -> int:
                                             work / "evaluation.npz")
             variant.label = label
             variants.append(variant)
-        print("measuring ...", file=sys.stderr, flush=True)
-        probe = {k: v[:1] for k, v in evaluation.items()}
-        for v in variants:
-            minilm.open_session(v, args.threads, probe)
-        minilm.measure(variants, evaluation, args.runs, args.warmup)
+        minilm.measure_variants(variants, evaluation, args)
     table, lines = minilm.rows(variants), verdicts(variants)
-    minilm.print_table(table)
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "environment": env, "results": [
-            {"variant": v.label, "status": v.status, "note": v.note,
-             **{k: x for k, x in v.figures.items() if k != "report"}} for v in variants]}, indent=2))
-    if not args.no_write:
-        counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
-        replace_section(args.results, BEGIN, END, markdown(table, lines, env, command, args, counts))
-        print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
+    counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
+    minilm.publish(args, command, env, variants, table, lines,
+                   (BEGIN, END, markdown(table, lines, env, command, args, counts)))
     return 0
 
 

@@ -62,19 +62,6 @@ benchmark: {threads: 2, warmup: 2, runs: 10}
 """
 
 
-def sentence_data(work: Path, calibration: int, evaluation: int) -> tuple[dict, dict]:
-    """Tokenized calibration and evaluation sentences, read back when the work directory has them.
-    The docstring sentences depend a little on what the process imported before (a package's
-    submodules become attributes once imported), so a rerun reuses the files its search journal was
-    fingerprinted with instead of collecting them again."""
-    paths = work / "calibration.npz", work / "evaluation.npz"
-    if not all(path.exists() for path in paths):
-        sentences = minilm.docstring_sentences()
-        np.savez(paths[0], **minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][:calibration]))
-        np.savez(paths[1], **minilm.tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][:evaluation]))
-    return tuple({k: v for k, v in np.load(path).items()} for path in paths)
-
-
 def compress(model: Path, recipe: str, label: str, calibration: Path, gate: float, work: Path,
              search_dir: Path | None = None) -> minilm.Variant:
     out = work / f"{model.stem}.{label.replace(' ', '-')}.onnx"
@@ -247,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    command = minilm.command_line(__file__, argv)
     env = machine()
     skip = set(filter(None, args.skip.split(",")))
     with tempfile.TemporaryDirectory(prefix="minilm_search_") as tmp:
@@ -257,7 +244,8 @@ def main(argv=None) -> int:
         if not model.exists():
             print("exporting all-MiniLM-L6-v2 ...", file=sys.stderr, flush=True)
             minilm.export_minilm(model)
-        calibration, evaluation = sentence_data(work, args.calibration, args.evaluation)
+        # reuse: a rerun resumes its search journal, which is fingerprinted with these files
+        calibration, evaluation = minilm.sentence_data(work, args.calibration, args.evaluation, reuse=True)
         (work / "search.yaml").write_text(SEARCH_RECIPE)
         runs = [("search", "search.yaml", work / "search-journal"), ("int4", "int4", None), ("int8", "int8", None)]
         variants = [minilm.Variant("fp32", model)]

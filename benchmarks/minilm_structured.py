@@ -24,36 +24,29 @@ replaces the `minilm-structured` section of benchmarks/RESULTS.md. A benchmark, 
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import replace_section  # noqa: E402
 from compare_int8 import machine  # noqa: E402
 from minilm import (  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
     COLUMNS,
     SEQ,
     Variant,
-    docstring_sentences,
+    command_line,
     export_minilm,
-    measure,
-    open_session,
-    print_table,
+    measure_variants,
+    parsed,
+    parser,
+    publish,
     rows,
     run_modelpress,
-    tokenize,
+    sentence_data,
 )
 
-import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- minilm-structured:begin -->", "<!-- minilm-structured:end -->"
 RECIPE = "structured-ffn-30"
 TARGET = {"cosine": 0.97, "latency": 0.85}
@@ -135,63 +128,27 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
     ]) + "\n"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=int, default=463,
-                        help="calibration sentences (default 463: every third docstring sentence, all of them)")
-    parser.add_argument("--evaluation", type=int, default=400, help="evaluation sentences (default 400)")
-    parser.add_argument("--quick", action="store_true", help="100 timed runs and 10 warm-ups instead of 400 and 30")
-    parser.add_argument("--runs", type=int, help="timed runs per variant (overrides --quick)")
-    parser.add_argument("--warmup", type=int, help="warm-up runs per variant")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    parser.add_argument("--work-dir", type=Path, help="keep the models, data and reports here")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to refresh")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
-    parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    args = parser.parse_args(argv)
-    args.runs = args.runs or (100 if args.quick else 400)
-    args.warmup = args.warmup if args.warmup is not None else (10 if args.quick else 30)
-    return args
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
-    env = machine()
+    args = parsed(parser(__doc__.splitlines()[0], calibration=463), argv)
+    command, env = command_line(__file__, argv), machine()
     with tempfile.TemporaryDirectory(prefix="minilm_structured_") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
         model = export_minilm(work / "all-MiniLM-L6-v2.onnx")
-        sentences = docstring_sentences()
-        calibration = tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][: args.calibration])
-        evaluation = tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][: args.evaluation])
+        calibration, evaluation = sentence_data(work, args.calibration, args.evaluation)
         calib, evals = work / "calibration.npz", work / "evaluation.npz"
-        np.savez(calib, **calibration)
-        np.savez(evals, **evaluation)
         (work / "no-recovery.yaml").write_text(NO_RECOVERY_RECIPE)
         variants = [Variant("fp32", model)]
         for recipe, label in ((RECIPE, f"modelpress {RECIPE}"),
                               (str(work / "no-recovery.yaml"), "diagnostic no-recovery")):
             print(f"modelpress --recipe {recipe} ...", file=sys.stderr, flush=True)
             variants.append(run_modelpress(model, recipe, label, calib, evals))
-        print("measuring ...", file=sys.stderr, flush=True)
-        probe = {k: v[:1] for k, v in evaluation.items()}
-        for v in variants:
-            open_session(v, args.threads, probe)
-        measure(variants, evaluation, args.runs, args.warmup)
+        measure_variants(variants, evaluation, args)
     table = rows(variants)
     lines = [verdict(v) for v in variants[1:]]
-    print_table(table)
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "environment": env, "results": [
-            {"variant": v.label, "status": v.status, "note": v.note,
-             **{k: x for k, x in v.figures.items() if k != "report"}} for v in variants]}, indent=2))
-    if not args.no_write:
-        counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
-        replace_section(args.results, BEGIN, END, markdown(table, lines, env, command, args, counts))
-        print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
+    counts = (len(calibration["input_ids"]), len(evaluation["input_ids"]))
+    publish(args, command, env, variants, table, lines, (BEGIN, END, markdown(table, lines, env, command, args, counts)))
     return 0
 
 
