@@ -67,6 +67,19 @@ MODULES = (
     "time", "tokenize", "traceback", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref",
     "xml.dom.minidom", "zipfile", "zlib",
 )
+# More unlabeled sentences for recipes that calibrate or distil on thousands of them (pruning): used
+# only after every third sentence of MODULES is taken, and never one of the evaluation sentences.
+EXTRA_MODULES = (
+    "numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.ma", "scipy.linalg", "scipy.optimize",
+    "scipy.stats", "scipy.signal", "scipy.sparse", "scipy.special", "scipy.interpolate", "scipy.integrate",
+    "scipy.ndimage", "scipy.spatial", "sklearn.linear_model", "sklearn.ensemble", "sklearn.metrics",
+    "sklearn.preprocessing", "sklearn.model_selection", "sklearn.decomposition", "sklearn.cluster",
+    "sklearn.neighbors", "sklearn.svm", "sklearn.tree", "torch", "torch.nn", "torch.nn.functional",
+    "torch.linalg", "torch.distributions", "torch.optim", "torch.utils.data", "pydoc", "doctest",
+    "xml.etree.ElementTree", "http.server", "urllib.request", "multiprocessing", "concurrent.futures", "cmd",
+    "pdb", "optparse", "numbers", "cmath", "shelve", "bz2", "plistlib", "xmlrpc.client", "socketserver",
+    "webbrowser", "colorsys", "binascii", "graphlib", "pkgutil", "dis", "filecmp", "fileinput", "types",
+)
 # The targets of the quantization issue: (min size ratio, min cosine, min NN agreement, max latency ratio).
 TARGETS = {"modelpress int8": (3.9, 0.995, 0.93, 0.70), "modelpress int4": (6.0, 0.985, None, 1.0)}
 # A diagnostic (not a shipped recipe): `int8` with SmoothQuant migration off, to show what it buys.
@@ -129,14 +142,14 @@ def first_sentence(doc: str) -> str:
     return match.group(1) if match else paragraph
 
 
-def docstring_sentences() -> list[str]:
-    """First sentences of the docstrings of public functions, classes and methods in MODULES, in a
-    fixed order, without duplicates, signatures or fragments."""
-    seen: set[str] = set()
+def docstring_sentences(modules=MODULES, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """First sentences of the docstrings of public functions, classes and methods in ``modules``, in a
+    fixed order, without duplicates, signatures, fragments or the ``exclude``d sentences."""
+    seen: set[str] = set(exclude)
     sentences = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in MODULES:
+        for name in modules:
             module = importlib.import_module(name)
             for attr, obj in sorted(vars(module).items()):
                 if attr.startswith("_") or not callable(obj) or getattr(obj, "__module__", None) != module.__name__:
@@ -425,15 +438,18 @@ def command_line(script: str, argv=None) -> str:
 
 
 def sentence_data(work: Path, calibration: int, evaluation: int, reuse: bool = False) -> tuple[dict, dict]:
-    """Tokenized calibration (every third docstring sentence) and evaluation sentences (every other
-    one of the rest), saved as ``work/calibration.npz`` and ``work/evaluation.npz``. With ``reuse``
+    """Tokenized calibration (every third docstring sentence, then sentences of EXTRA_MODULES when more
+    are asked for) and evaluation sentences (every other one of the rest), saved as ``work/calibration.npz`` and ``work/evaluation.npz``. With ``reuse``
     the files already there are read back: the docstring sentences depend a little on what the
     process imported before (a package's submodules become attributes once imported), so a rerun
     that must see the same data (a resumed search) reads it instead of collecting it again."""
     paths = work / "calibration.npz", work / "evaluation.npz"
     if not (reuse and all(path.exists() for path in paths)):
         sentences = docstring_sentences()
-        np.savez(paths[0], **tokenize([s for i, s in enumerate(sentences) if i % 3 == 0][:calibration]))
+        calib = [s for i, s in enumerate(sentences) if i % 3 == 0][:calibration]
+        if len(calib) < calibration:  # more than MODULES hold: other modules' docstrings, never evaluated ones
+            calib += docstring_sentences(EXTRA_MODULES, frozenset(sentences))[: calibration - len(calib)]
+        np.savez(paths[0], **tokenize(calib))
         np.savez(paths[1], **tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][:evaluation]))
     return tuple({k: v for k, v in np.load(path).items()} for path in paths)
 

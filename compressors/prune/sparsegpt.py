@@ -30,6 +30,7 @@ from modelpress.compressors.calibration import (
     plan_rounds,
     weight_input_axis,
 )
+from modelpress.compressors.padding import compact_feeds
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
 from modelpress.kernels.hessian import (
@@ -111,6 +112,11 @@ class LayerwisePrune(Pass):
         rounds = plan_rounds(layers, config.rounds)
         # The original model, kept to capture each later layer's inputs as they were before pruning.
         reference = ir.to_proto(model) if self.wants_reference() and len(rounds) > 1 else None
+        notes = []
+        if config.padding_mask:  # padding is left out of the statistics: do not compute it either
+            feeds, note = compact_feeds(ir.to_proto(model).SerializeToString(), feeds, config.padding_mask,
+                                        self.context.threads)
+            notes += [note] if note else []
         masks = padding_masks(feeds, config.padding_mask)
         done = 0
         for group in rounds:
@@ -149,6 +155,7 @@ class LayerwisePrune(Pass):
             **_collect(figures),
             "fallback": fallback,
             "skipped": skipped,
+            **({"notes": notes} if notes else {}),
         }
         return PassResult(model, modified=bool(counts), stats=stats)
 

@@ -299,4 +299,5 @@ def test_padding_positions_are_left_out_of_the_statistics(tmp_path):
     # The passes use it by default: pruning with the mask equals pruning on the real rows alone.
     masked = sparsegpt(load(tmp_path, proto), feeds, rounds=1)
     flat = sparsegpt(load(tmp_path, tiny_mlp()), [{"input": real.astype(np.float32)}], rounds=1)
-    np.testing.assert_allclose(weights(masked.model)["w1"], weights(flat.model)["w1"], atol=1e-5)
+    # (The pass also regroups the samples by length, so the sums run in another order: float noise.)
+    np.testing.assert_allclose(weights(masked.model)["w1"], weights(flat.model)["w1"], atol=1e-4)
