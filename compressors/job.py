@@ -27,9 +27,6 @@ from modelpress.compressors.pipeline import PassContext, run_encode, run_passes
 from modelpress.compressors.recipe import BenchmarkSettings, Gates, Recipe, load_recipe
 from modelpress.compressors.report import Report, Side, evaluate_gates
 
-# Calibration needs a sample of the data, not all of it: enough for stable ranges and Hessians.
-MAX_CALIBRATION_SAMPLES = 512
-
 Progress = Callable[[str, int, int], None]
 
 
@@ -110,7 +107,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         raise InputError("--executor, --workers and --ray-address run search trials; they need a recipe with a "
                          "search: block (e.g. --recipe auto)")
     benchmark.preflight(request.model, evaluation)
-    calibration_feeds = calibration.feeds[: max(1, _feeds_for(calibration))]
+    calibration_feeds = calibration.feeds[: max(1, _feeds_for(calibration, recipe.calibration.samples))]
     calibration_samples = sum(calibration.feed_samples[: len(calibration_feeds)])
     context = PassContext(
         calibration=calibration_feeds,
@@ -190,10 +187,11 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     )
 
 
-def _feeds_for(dataset) -> int:
-    """How many feeds hold about MAX_CALIBRATION_SAMPLES samples."""
+def _feeds_for(dataset, samples: int) -> int:
+    """How many feeds hold about ``samples`` samples (the recipe's ``calibration.samples``):
+    calibration needs a sample of the data, not all of it."""
     per_feed = max(1, dataset.samples // max(1, len(dataset.feeds)))
-    return -(-MAX_CALIBRATION_SAMPLES // per_feed)
+    return -(-samples // per_feed)
 
 
 def model_size(path: Path) -> int:

@@ -41,6 +41,15 @@ class BenchmarkSettings(BaseModel):
     runs: int = Field(50, ge=1, le=1_000_000)
 
 
+class CalibrationSettings(BaseModel):
+    """How much of --data the passes see (the whole of it is still evaluated)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Enough for stable ranges and Hessians of most layers; one-shot reconstruction and recovery of a
+    # transformer from short sentences want more (thousands of sentences are a few tens of K tokens).
+    samples: int = Field(512, ge=1, le=1_000_000, description="samples of --data the passes calibrate on")
+
+
 @dataclass(frozen=True)
 class PassSpec:
     stage: str
@@ -57,6 +66,7 @@ class Recipe:
     benchmark: BenchmarkSettings
     seed: int
     search: SearchSpace | None = None  # the passes are then chosen per layer group (search/run.py)
+    calibration: CalibrationSettings = CalibrationSettings()
 
     def build(self, context: PassContext) -> tuple[list[Pass], EncodePass | None]:
         """Instantiate graph passes in stage order, and the encoder if the recipe encodes."""
@@ -85,7 +95,7 @@ class Recipe:
         return any(PASSES[s.stage][s.name].calibrates(s.config) for s in self.passes)
 
 
-TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "seed", "search")
+TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "calibration", "seed", "search")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -151,6 +161,7 @@ def parse_recipe(text: str, source: str) -> Recipe:
     passes = _parse_passes(data, report)
     gates = _validate(Gates, data.get("gates"), ("gates",), report)
     bench = _validate(BenchmarkSettings, data.get("benchmark"), ("benchmark",), report)
+    calibration = _validate(CalibrationSettings, data.get("calibration"), ("calibration",), report)
     search = _validate(SearchSpace, data["search"], ("search",), report) if "search" in data else None
     if search is not None and check_fixed_passes(passes):
         report(("search",), check_fixed_passes(passes))
@@ -162,7 +173,7 @@ def parse_recipe(text: str, source: str) -> Recipe:
         report(("description",), "the description must be a string")
     if problems:
         raise RecipeError(problems)
-    return Recipe(source, description, tuple(passes), gates, bench, seed, search)
+    return Recipe(source, description, tuple(passes), gates, bench, seed, search, calibration)
 
 
 def _parse_passes(data: dict, report) -> list[PassSpec]:

@@ -153,3 +153,22 @@ def test_int4_round_to_nearest_needs_no_data(tmp_path, zoo_models):
     gptq.write_text("quantize:\n  - type: int4\n")
     result = _run("compress", zoo_models("mlp"), "--recipe", gptq, "-o", tmp_path / "g.onnx", "--quiet")
     assert result.exit_code == 2 and "quantize/int4" in result.output
+
+
+@pytest.mark.parametrize("samples", [64, 300])
+def test_recipe_calibration_samples_bound_what_the_passes_see(tmp_path, zoo_models, digits_npz, samples):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"prune:\n  - {{type: sparsegpt, sparsity: 0.5}}\ncalibration: {{samples: {samples}}}\n")
+    result, _, report = _compress(tmp_path, zoo_models("mlp"), digits_npz("mlp"), recipe)
+    assert result.exit_code == 0, result.output
+    stats = json.loads(report.read_text())["passes"][0]["stats"]
+    # The passes get whole feeds (chunks of the data's batch size), at least `samples` rows in all.
+    assert samples <= stats["calibration_rows"] < samples + 128
+
+
+def test_recipe_calibration_block_rejects_unknown_keys(tmp_path, tiny_model_path, tiny_data_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune:\n  - {type: magnitude}\ncalibration: {sample: 64}\n")
+    result, out, _ = _compress(tmp_path, tiny_model_path, tiny_data_path, recipe)
+    assert result.exit_code == 2 and "calibration.sample: unknown key" in result.output and "samples" in result.output
+    assert not out.exists()
