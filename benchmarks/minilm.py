@@ -79,6 +79,10 @@ EXTRA_MODULES = (
     "xml.etree.ElementTree", "http.server", "urllib.request", "multiprocessing", "concurrent.futures", "cmd",
     "pdb", "optparse", "numbers", "cmath", "shelve", "bz2", "plistlib", "xmlrpc.client", "socketserver",
     "webbrowser", "colorsys", "binascii", "graphlib", "pkgutil", "dis", "filecmp", "fileinput", "types",
+    "sklearn.utils", "sklearn.feature_selection", "sklearn.manifold", "sklearn.mixture", "sklearn.gaussian_process",
+    "sklearn.impute", "sklearn.neural_network", "sklearn.covariance", "sklearn.datasets", "scipy.io", "scipy.fft",
+    "torch.fx", "torch.autograd", "torch.nn.utils", "huggingface_hub.hf_api", "tokenizers", "onnx_ir", "onnx.helper",
+    "rich.console", "email.message", "logging.handlers", "http.cookiejar", "asyncio.events",
 )
 # The targets of the quantization issue: (min size ratio, min cosine, min NN agreement, max latency ratio).
 TARGETS = {"modelpress int8": (3.9, 0.995, 0.93, 0.70), "modelpress int4": (6.0, 0.985, None, 1.0)}
@@ -142,9 +146,11 @@ def first_sentence(doc: str) -> str:
     return match.group(1) if match else paragraph
 
 
-def docstring_sentences(modules=MODULES, exclude: frozenset[str] = frozenset()) -> list[str]:
+def docstring_sentences(modules=MODULES, exclude: frozenset[str] = frozenset(), package_wide: bool = False) -> list[str]:
     """First sentences of the docstrings of public functions, classes and methods in ``modules``, in a
-    fixed order, without duplicates, signatures, fragments or the ``exclude``d sentences."""
+    fixed order, without duplicates, signatures, fragments or the ``exclude``d sentences. Only what a
+    module defines itself counts, or with ``package_wide`` what its package defines (libraries
+    re-export from private submodules)."""
     seen: set[str] = set(exclude)
     sentences = []
     with warnings.catch_warnings():
@@ -152,7 +158,9 @@ def docstring_sentences(modules=MODULES, exclude: frozenset[str] = frozenset()) 
         for name in modules:
             module = importlib.import_module(name)
             for attr, obj in sorted(vars(module).items()):
-                if attr.startswith("_") or not callable(obj) or getattr(obj, "__module__", None) != module.__name__:
+                home = str(getattr(obj, "__module__", None) or "")
+                own = home.split(".")[0] == name.split(".")[0] if package_wide else home == module.__name__
+                if attr.startswith("_") or not callable(obj) or not own:
                     continue
                 members = [obj]
                 if isinstance(obj, type):
@@ -448,7 +456,7 @@ def sentence_data(work: Path, calibration: int, evaluation: int, reuse: bool = F
         sentences = docstring_sentences()
         calib = [s for i, s in enumerate(sentences) if i % 3 == 0][:calibration]
         if len(calib) < calibration:  # more than MODULES hold: other modules' docstrings, never evaluated ones
-            calib += docstring_sentences(EXTRA_MODULES, frozenset(sentences))[: calibration - len(calib)]
+            calib += docstring_sentences(EXTRA_MODULES, frozenset(sentences), True)[: calibration - len(calib)]
         np.savez(paths[0], **tokenize(calib))
         np.savez(paths[1], **tokenize([s for i, s in enumerate(sentences) if i % 3 != 0][::2][:evaluation]))
     return tuple({k: v for k, v in np.load(path).items()} for path in paths)

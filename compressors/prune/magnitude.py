@@ -27,6 +27,7 @@ from pydantic import Field
 
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, iter_weights
 from modelpress.compressors.pipeline import Pass, PassResult
+from modelpress.compressors.prune.allocation import allocate_levels, measure_curves
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
 from modelpress.kernels.sparsity import global_threshold, magnitude_mask, threshold_mask
 
@@ -106,85 +107,22 @@ class MagnitudePrune(Pass):
         if len(measurable) < len(candidates):
             notes.append(f"{len(candidates) - len(measurable)} subgraph weight(s) pruned to the mean sparsity")
         levels = [s for s in SENSITIVITY_GRID if s <= config.max_layer_sparsity]
-        curves = _measure(model, measurable, levels, self.context)
+        feeds, rows = [], 0
+        for feed in self.context.calibration:
+            feeds.append(feed)
+            rows += len(next(iter(feed.values()))) if feed else 1
+            if rows >= SENSITIVITY_ROWS:
+                break
+
+        def by_magnitude(value, weights, level):
+            return np.where(magnitude_mask(weights, level), weights, np.zeros((), weights.dtype))
+
+        curves = measure_curves(model, measurable, levels, feeds, by_magnitude, self.context.threads,
+                                progress=self.context.progress)
         sizes = {v.name: v.const_value.size for v in measurable}
         # Subgraph weights take the mean, so the measured ones carry the rest of the target.
         fixed = sum(v.const_value.size for v in candidates if v.graph is not model.graph) * config.sparsity
         wanted = config.sparsity * sum(v.const_value.size for v in candidates) - fixed
-        targets = _allocate_levels(curves, sizes, levels, wanted)
+        targets = allocate_levels(curves, sizes, levels, wanted)
         report = {name: {f"{level:g}": round(d, 6) for level, d in zip(levels, curve)} for name, curve in curves.items()}
         return targets, report
-
-
-def _measure(model: ir.Model, values: list[ir.Value], levels: list[float], context) -> dict[str, list[float]]:
-    """Relative MSE of the first output with one weight pruned to each level, the rest untouched."""
-    from modelpress.compressors.benchmark import make_session  # onnxruntime: loaded only when used
-
-    proto = ir.to_proto(model)
-    for value in values:  # an input named like an initializer overrides it at run time
-        proto.graph.input.append(_value_info(value))
-    session = make_session(proto.SerializeToString(), context.threads)
-    output = session.get_outputs()[0].name
-    feeds, rows = [], 0
-    for feed in context.calibration:
-        feeds.append(feed)
-        rows += len(next(iter(feed.values()))) if feed else 1
-        if rows >= SENSITIVITY_ROWS:
-            break
-    originals = {v.name: v.const_value.numpy() for v in values}
-
-    def run(overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(session.run([output], {**feed, **originals, **overrides})[0], np.float64) for feed in feeds]
-
-    reference = run({})
-    curves: dict[str, list[float]] = {}
-    for index, value in enumerate(values):
-        context.progress("pruning sensitivity", index, len(values))
-        weights = originals[value.name]
-        curve = []
-        for level in levels:
-            pruned = np.where(magnitude_mask(weights, level), weights, np.zeros((), weights.dtype))
-            curve.append(_relative_mse(reference, run({value.name: pruned.astype(weights.dtype)})))
-        curves[value.name] = curve
-    return curves
-
-
-def _relative_mse(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    """Squared change of the output over its squared norm (embeddings, regressions, any shape)."""
-    scale = sum(float(np.sum(r**2)) for r in reference) or 1.0
-    return sum(float(np.sum((o - r) ** 2)) for o, r in zip(outputs, reference)) / scale
-
-
-def _value_info(value: ir.Value):
-    from onnx import helper
-
-    tensor = value.const_value
-    return helper.make_tensor_value_info(value.name, int(tensor.dtype), list(tensor.shape.numpy()))
-
-
-def _allocate_levels(curves: dict[str, list[float]], sizes: dict[str, int], levels: list[float],
-                     wanted: float) -> dict[str, float]:
-    """Greedy on each curve's lower convex hull: always take the step that zeroes weights at the
-    smallest output change per zeroed weight, until ``wanted`` weights are zero; the last step is
-    interpolated so the total is exact (or every tensor ends at its top level)."""
-    position = {name: 0 for name in curves}
-    sparsity = {name: levels[0] for name in curves}
-    zeros = sum(sizes[n] * levels[0] for n in curves)
-    while zeros < wanted:
-        best = None
-        for name, curve in curves.items():
-            here = position[name]
-            for ahead in range(here + 1, len(levels)):
-                gain = sizes[name] * (levels[ahead] - levels[here])
-                slope = (curve[ahead] - curve[here]) / gain
-                if best is None or slope < best[0]:
-                    best = (slope, name, ahead, gain)
-        if best is None:
-            break
-        _, name, ahead, gain = best
-        if zeros + gain > wanted:  # part of the step reaches the target exactly
-            sparsity[name] = sparsity[name] + (wanted - zeros) / sizes[name]
-            break
-        position[name], sparsity[name] = ahead, levels[ahead]
-        zeros += gain
-    return sparsity

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import onnx_ir as ir
 from modelpress.compressors.calibration import (
+    ColumnNorms,
     CrossGram,
     Gram,
     LinearLayer,
@@ -32,12 +33,14 @@ from modelpress.compressors.calibration import (
 )
 from modelpress.compressors.padding import compact_feeds
 from modelpress.compressors.pipeline import Pass, PassResult
+from modelpress.compressors.prune.allocation import allocate_levels, measure_curves
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
 from modelpress.kernels.hessian import (
     correct_input_error,
     reconstruction_error,
     refit_kept,
     sparsegpt_prune,
+    wanda_mask,
 )
 from modelpress.kernels.sparsity import magnitude_mask, nm_mask
 from pydantic import Field, model_validator
@@ -46,6 +49,10 @@ PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}  # at most N nonzeros in every M conse
 # Work bound of the exact refit of one layer (about out·kept_inputs³/3 flops, ~1 minute on one core):
 # MiniLM's largest layer needs 6e10; a 4096 x 11008 LLM layer would need 3e13 and is left as solved.
 REFIT_FLOPS = 2e12
+# Under ``allocation: sensitivity``: the levels each layer is tried at (by Wanda's score, alone in the
+# original model) and how many calibration samples, spread over the data, measure the output change.
+ALLOCATION_LEVELS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+ALLOCATION_SAMPLES = 128
 
 
 class LayerwiseConfig(WeightFilterConfig):
@@ -57,6 +64,10 @@ class LayerwiseConfig(WeightFilterConfig):
     padding_mask: str | None = Field(
         "attention_mask", description="model input whose zeros mark padding: those positions are left out "
         "of the calibration statistics (when the feeds have it and its shape matches the layer input's rows)")
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="sensitivity: each layer's sparsity from the measured output change when it "
+        "alone is pruned (the mean stays `sparsity`; unstructured only)")
+    max_layer_sparsity: float = Field(0.8, gt=0.0, lt=1.0, description="cap of any one layer under sensitivity")
 
     @model_validator(mode="after")
     def _pattern_fixes_sparsity(self):
@@ -66,6 +77,10 @@ class LayerwiseConfig(WeightFilterConfig):
                 raise ValueError(
                     f"pattern {self.pattern} fixes the sparsity at {(m - n) / m:g}; remove `sparsity`"
                 )
+        if self.pattern != "unstructured" and self.allocation == "sensitivity":
+            raise ValueError(f"pattern {self.pattern} fixes every layer's sparsity; use allocation: uniform")
+        if self.allocation == "sensitivity" and self.max_layer_sparsity < self.sparsity:
+            raise ValueError("max_layer_sparsity is below the mean sparsity: no allocation reaches it")
         return self
 
     @property
@@ -118,6 +133,9 @@ class LayerwisePrune(Pass):
                                         self.context.threads)
             notes += [note] if note else []
         masks = padding_masks(feeds, config.padding_mask)
+        self.targets, sensitivity = {}, {}
+        if config.allocation == "sensitivity" and layers:
+            self.targets, sensitivity = allocate(model, layers, feeds, masks, config, self.context)
         done = 0
         for group in rounds:
             # One statistic per distinct input: Q, K and V read the same value.
@@ -156,8 +174,13 @@ class LayerwisePrune(Pass):
             "fallback": fallback,
             "skipped": skipped,
             **({"notes": notes} if notes else {}),
+            **({"allocation": {n: round(s, 4) for n, s in self.targets.items()}, "sensitivity": sensitivity}
+               if config.allocation == "sensitivity" else {}),
         }
         return PassResult(model, modified=bool(counts), stats=stats)
+
+    def layer_sparsity(self, layer: LinearLayer) -> float:
+        return self.targets.get(layer.weight.name, self.config.sparsity)
 
 
 class SparseGPTConfig(LayerwiseConfig):
@@ -204,13 +227,13 @@ class SparseGPTPrune(LayerwisePrune):
             target = correct_input_error(weights, hessian, cross, layout=layer.layout, percdamp=config.damp)
         n, m = config.nm or (0, 0)
         new = sparsegpt_prune(
-            target, hessian, layout=layer.layout, sparsity=config.sparsity, prunen=m - n, prunem=m,
+            target, hessian, layout=layer.layout, sparsity=self.layer_sparsity(layer), prunen=m - n, prunem=m,
             blocksize=config.blocksize, percdamp=config.damp,
         )
         figures = {}
         if config.refit:
             n_in, n_out = hessian.shape[0], new.size // hessian.shape[0]
-            kept = n_in * (1.0 - (config.sparsity if config.nm is None else 1 - n / m))
+            kept = n_in * (1.0 - (self.layer_sparsity(layer) if config.nm is None else 1 - n / m))
             if n_out * kept**3 / 3 <= REFIT_FLOPS:
                 new = refit_kept(target, new, hessian, layout=layer.layout, percdamp=config.damp)
             else:  # one |S|³ solve per output: too slow for this layer, keep SparseGPT's weights
@@ -248,3 +271,33 @@ def _magnitude_fallback(value: ir.Value, config: LayerwiseConfig) -> np.ndarray 
             return None
         keep = nm_mask(np.abs(weights.astype(np.float32)), n, m, axis=axis)
     return np.where(keep, weights, np.zeros((), weights.dtype)).astype(weights.dtype)
+
+
+def allocate(model: ir.Model, layers: list[LinearLayer], feeds, masks, config: LayerwiseConfig,
+             context) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(tensor -> sparsity, tensor -> {level: output change}): each layer pruned alone by Wanda's
+    score at ALLOCATION_LEVELS in the original model, then the mean sparsity spread where the summed
+    change is least (``allocation.allocate_levels``)."""
+    norms = {key: ColumnNorms(key[1]) for layer in layers for key in layer.inputs}
+    capture(model, [(name, r) for (name, _), r in norms.items()], feeds, row_masks=masks,
+            threads=context.threads, progress=context.progress)
+    by_name = {layer.weight.name: layer for layer in layers}
+
+    def by_wanda(value, weights, level):
+        layer = by_name[value.name]
+        column = np.sqrt(sum(norms[key].norms ** 2 for key in layer.inputs))
+        return np.where(wanda_mask(weights, column, layout=layer.layout, sparsity=level), weights,
+                        np.zeros((), weights.dtype))
+
+    # Samples spread over the data: compacted feeds are sorted by length.
+    sizes = [len(next(iter(f.values()))) for f in feeds]
+    picked = np.unique(np.linspace(0, len(feeds) - 1, max(1, min(len(feeds), ALLOCATION_SAMPLES // max(1, sizes[0]))))
+                       .round().astype(int))
+    levels = [level for level in ALLOCATION_LEVELS if level <= config.max_layer_sparsity]
+    values = [layer.weight for layer in layers]
+    curves = measure_curves(model, values, levels, [feeds[i] for i in picked], by_wanda, context.threads,
+                            config.padding_mask, context.progress)
+    counts = {v.name: v.const_value.size for v in values}
+    targets = allocate_levels(curves, counts, levels, config.sparsity * sum(counts.values()))
+    report = {name: {f"{level:g}": round(c, 6) for level, c in zip(levels, curve)} for name, curve in curves.items()}
+    return targets, report

@@ -41,5 +41,5 @@ class WandaPrune(LayerwisePrune):
         # A shared weight sees the rows of every use: squared norms add up.
         norms = np.sqrt(sum(s.norms**2 for s in stats))
         n, m = config.nm or (0, 0)
-        keep = wanda_mask(weights, norms, layout=layer.layout, sparsity=config.sparsity, n=n, m=m)
+        keep = wanda_mask(weights, norms, layout=layer.layout, sparsity=self.layer_sparsity(layer), n=n, m=m)
         return np.where(keep, weights, np.zeros((), weights.dtype)), {}

@@ -6,11 +6,8 @@ import onnx
 import pytest
 from modelpress.compressors.model import check_model, iter_weights, normalize
 from modelpress.compressors.pipeline import PassContext
-from modelpress.compressors.prune.magnitude import (
-    MagnitudeConfig,
-    MagnitudePrune,
-    _allocate_levels,
-)
+from modelpress.compressors.prune.allocation import allocate_levels
+from modelpress.compressors.prune.magnitude import MagnitudeConfig, MagnitudePrune
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -75,6 +72,6 @@ def test_allocation_follows_the_lower_hull_and_hits_the_target():
     # a is cheap up to 0.5 then expensive; b costs the same per weight throughout; c is never cheap.
     curves = {"a": [0.0, 0.01, 1.0], "b": [0.0, 0.1, 0.18], "c": [0.0, 5.0, 9.0]}
     sizes = {"a": 100, "b": 100, "c": 100}
-    got = _allocate_levels(curves, sizes, levels, wanted=0.5 * 300)
+    got = allocate_levels(curves, sizes, levels, wanted=0.5 * 300)
     # a to 0.5 (cheapest), b to 0.9 (next), then the last 10 zeros from a's next step, interpolated.
     assert got == {"a": pytest.approx(0.6), "b": 0.9, "c": 0.0}
