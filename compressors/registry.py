@@ -18,6 +18,7 @@ from modelpress.compressors.quantize.int4 import Int4Quantize
 from modelpress.compressors.quantize.int8 import Int8Quantize
 from modelpress.compressors.quantize.kmeans import KMeansQuantize
 from modelpress.compressors.quantize.mixed import MixedQuantize
+from modelpress.compressors.quantize.sparse_storage import SparseStorage
 
 _TABLE: list[type[Pass] | type[EncodePass]] = [
     MagnitudePrune,
@@ -32,6 +33,7 @@ _TABLE: list[type[Pass] | type[EncodePass]] = [
     KMeansQuantize,
     Fp16Quantize,
     MixedQuantize,
+    SparseStorage,
     EntropyEncode,
 ]
 

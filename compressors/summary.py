@@ -98,6 +98,10 @@ def tensor_table(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for name, info in per_tensor.items():
                 if not isinstance(info, dict) or "bytes_before" not in info:
                     continue  # int4 / fp16 report other figures per tensor
+                parent = next((r for r in rows.values() if name in r.get("stored_as", ()) and r["tensor"] != name), None)
+                if parent is not None:  # a later pass re-stored what an earlier one made (int8 -> sparse_storage)
+                    _restore(parent, name, info)
+                    continue
                 row = rows.setdefault(name, {"tensor": name})
                 row.update(original_bytes=info["bytes_before"], runnable_bytes=info["bytes_after"],
                            elements=info.get("elements"), codebook_bits=info.get("bits"),
@@ -124,6 +128,15 @@ def tensor_table(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["shipped_bytes"] = round(shipped)
         row["in_skeleton"] = estimated
     return [_finish(row) for row in rows.values()]
+
+
+def _restore(row: dict[str, Any], part: str, info: dict[str, Any]) -> None:
+    """``part``, one of the initializers ``row``'s weight was stored as, was stored again by a later pass."""
+    if row.get("runnable_bytes") is not None:
+        row["runnable_bytes"] += info["bytes_after"] - info["bytes_before"]
+    row["stored_as"] = [p for old in row["stored_as"] for p in ((info.get("stored_as") or [old]) if old == part else [old])]
+    if info.get("elements") and "zeros_kept" in info and row.get("sparsity") is None:
+        row["sparsity"] = round(info["zeros_kept"] / info["elements"], 4)
 
 
 def _finish(row: dict[str, Any]) -> dict[str, Any]:

@@ -252,9 +252,10 @@ def test_wanda_prunes_each_output_by_weight_times_activation(tmp_path, calib):
 def test_shipped_sparse_50_recipe_runs(tmp_path, calib):
     recipe = load_recipe(str(REPO / "configs" / "sparse-50.yaml"))
     passes, encoder = recipe.build(PassContext(calibration=calib))
-    assert encoder is None and [p.name for p in passes] == ["sparsegpt"]
+    assert encoder is None and [p.name for p in passes] == ["sparsegpt", "sparse_storage"]
     _, records = run_passes(load(tmp_path, tiny_mlp()), passes)
     assert records[0].stats["per_tensor"] == {"w1": 0.5, "w2": 0.5}
+    assert records[1].stats["per_tensor"]["w1"]["bytes_after"] < 0.6 * 64 * 128 * 4  # the bitmap + 50 % of the values
     assert recipe.gates.max_accuracy_drop == 0.01
 
 

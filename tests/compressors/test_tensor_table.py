@@ -55,3 +55,31 @@ def test_no_passes_no_rows_and_unchanged_tensors_are_listed():
     rows = tensor_table([records[-1]])  # the encode pass alone (a lossless recipe)
     assert {row["tensor"] for row in rows} == set(records[-1]["stats"]["per_tensor"])
     assert all(row["original_bytes"] is None and row["bits_per_weight"] is not None for row in rows)
+
+
+def test_a_weight_stored_twice_keeps_one_row():
+    """int8 then sparse_storage: the int8 initializer is re-stored as bitmap + nonzero values; the
+    row of the original weight follows it (runnable bytes = what the file holds now)."""
+    import numpy as np
+    from modelpress.compressors.quantize.int8 import Int8Config, Int8Quantize
+    from modelpress.compressors.quantize.sparse_storage import SparseStorage, SparseStorageConfig
+
+    model = ir.from_proto(tiny_mlp())
+    normalize(model)
+    x = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    context = PassContext(seed=0, calibration=[{"input": x}])
+    records = []
+    for stage, graph_pass in (("prune", MagnitudePrune(MagnitudeConfig(sparsity=0.5, min_elements=100), context)),
+                              ("quantize", Int8Quantize(Int8Config(min_elements=100), context)),
+                              ("quantize", SparseStorage(SparseStorageConfig(min_elements=100), context))):
+        result = graph_pass.call(model)
+        model = result.model
+        records.append({"stage": stage, "name": graph_pass.name, "stats": result.stats})
+    rows = {row["tensor"]: row for row in tensor_table(records)}
+    assert {"w1", "w2"} <= set(rows) and not any(name.startswith("w1_") for name in rows)
+    w1 = rows["w1"]
+    packed = records[2]["stats"]["per_tensor"]
+    stored = next(info for name, info in packed.items() if name.startswith("w1"))
+    int8 = records[1]["stats"]["per_tensor"]["w1"]
+    assert w1["runnable_bytes"] == int8["bytes_after"] - stored["bytes_before"] + stored["bytes_after"]
+    assert w1["runnable_bytes"] < 0.7 * int8["bytes_after"] and w1["sparsity"] == pytest.approx(0.5, abs=0.01)
