@@ -49,7 +49,7 @@ def run_model(name: str, work: Path) -> tuple[list[str], list[list[str]]]:
                "--quiet", "--force"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)  # exit 1 = a gate missed
     if done.returncode not in (0, 1):
-        return [name, f"exit {done.returncode}: {done.stderr.strip()[-200:]}"] + [""] * 6, []
+        return [name, f"exit {done.returncode}: {done.stderr.strip()[-200:]}"] + [""] * 7, []
     report = json.loads(report_path.read_text())
     decoded = work / f"{name}.decoded.onnx"
     subprocess.run([sys.executable, "-m", "modelpress", "decode", str(out.with_suffix(".mpk")), "-o", str(decoded),
@@ -61,9 +61,11 @@ def run_model(name: str, work: Path) -> tuple[list[str], list[list[str]]]:
     ratio = original["size_bytes"] / compressed["shipped_size_bytes"]
     drop = (original["metrics"]["accuracy"] - compressed["metrics"]["accuracy"]) * 100
     met = ratio >= TARGETS[name] and drop <= MAX_DROP_PP
+    ladder = report.get("alternatives") or {}
+    kept = f"{ladder.get('chosen')} ({ladder.get('index', 0) + 1} of {len(ladder.get('tried', []))})" if ladder else "-"
     row = [name, f"{original['size_bytes']:,}", f"{compressed['size_bytes']:,}", f"{compressed['shipped_size_bytes']:,}",
            f"{ratio:.1f}x (target {TARGETS[name]:g}x)", f"{original['metrics']['accuracy']:.4f} → "
-           f"{compressed['metrics']['accuracy']:.4f} ({-drop + 0.0:+.2f} pp)", "yes" if exact else "NO",
+           f"{compressed['metrics']['accuracy']:.4f} ({-drop + 0.0:+.2f} pp)", kept, "yes" if exact else "NO",
            "yes" if met else "no"]
     tensors = [[name, t["tensor"], f"{t['original_bytes'] or 0:,}", f"{t['runnable_bytes'] or 0:,}",
                 ("~" if t["in_skeleton"] else "") + f"{t['shipped_bytes']:,}",
@@ -93,10 +95,11 @@ def main(argv=None) -> None:
         "",
         f"`{command}`: `modelpress compress MODEL --recipe deep-compression --data TRAIN --eval-data TEST` "
         "(1347 training digits / 450 held-out digits with labels), then `modelpress decode` of the .mpk.",
-        "Sizes in bytes; *ratio* = fp32 ONNX / shipped .mpk; *decode exact* = the .mpk decodes to the "
+        "Sizes in bytes; *ratio* = fp32 ONNX / shipped .mpk; *kept* = the recipe's alternative whose gate "
+        "held first (of those it lists); *decode exact* = the .mpk decodes to the "
         "runnable ONNX byte for byte; *target met* = ratio and accuracy drop <= 1 pp.",
         "",
-        table(["model", "fp32 onnx", "runnable onnx", "shipped mpk", "ratio", "accuracy", "decode exact",
+        table(["model", "fp32 onnx", "runnable onnx", "shipped mpk", "ratio", "accuracy", "kept", "decode exact",
                "target met"], rows),
         "",
         "Per weight tensor (the report's table; `~` = includes its share of the compressed graph skeleton):",

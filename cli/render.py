@@ -94,6 +94,8 @@ def compress_report(report, quiet: bool = False) -> None:
         out.print(passes)
         if getattr(report, "search", None):
             _search_tables(report.search)
+        if getattr(report, "alternatives", None):
+            _alternatives_table(report.alternatives)
         tensors = _tensor_rows(report)
         if tensors:
             table = Table(title="weights (shipped: ~ = share of the compressed graph skeleton)", title_justify="left")
@@ -135,6 +137,31 @@ def _search_tables(search: dict) -> None:
     for row in search.get("groups", []):
         groups.add_row(row["name"], f"{row['elements']:,}", str(row["choice"]), row["why"])
     out.print(groups)
+
+
+ALTERNATIVE_COLUMNS = ("#", "alternative", "result", "shipped", "x smaller", "gates", "seconds", "why not kept")
+
+
+def _alternative_rows(ladder: dict) -> list[tuple[str, ...]]:
+    """The recipe's alternatives in the order tried: result, size, gate values, time, and the reason."""
+    rows = []
+    for i, rung in enumerate(ladder.get("tried", []), 1):
+        gates = ", ".join(f"{g['name']} " + ("n/a" if g["value"] is None else f"{g['value']:.4g}")
+                          for g in rung.get("gates", []))
+        rows.append((str(i), rung["name"], rung["status"], _size(rung.get("shipped_size_bytes")),
+                     "-" if rung.get("size_ratio") is None else f"{rung['size_ratio']:.2f}x", gates or "-",
+                     "-" if rung.get("seconds") is None else f"{rung['seconds']:.1f}", rung.get("reason") or ""))
+    return rows
+
+
+def _alternatives_table(ladder: dict) -> None:
+    verdict = "kept: the first that met the gates" if ladder.get("passed") else "NONE met the gates: the closest is kept"
+    table = Table(title=f"alternatives, tried in order ({verdict}: {ladder.get('chosen')})", title_justify="left")
+    for col in ALTERNATIVE_COLUMNS:
+        table.add_column(col, justify="right" if col in ("#", "shipped", "x smaller", "seconds") else "left")
+    for row in _alternative_rows(ladder):
+        table.add_row(*row)
+    out.print(table)
 
 
 TENSOR_COLUMNS = ("tensor", "original", "runnable", "shipped", "sparsity", "codebook bits", "bits/weight")
@@ -187,6 +214,9 @@ def report_markdown(report) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)]
     lines += ["", "| stage | pass | seconds | summary |", "|---|---|---:|---|"]
     lines += [f"| {r['stage']} | {r['name']} | {r['seconds']:.2f} | {_stats_line(r['stats'])} |" for r in report.passes]
+    if getattr(report, "alternatives", None):
+        lines += ["", "| " + " | ".join(ALTERNATIVE_COLUMNS) + " |", "|---" * len(ALTERNATIVE_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in _alternative_rows(report.alternatives)]
     tensors = _tensor_rows(report)
     if tensors:
         lines += ["", "| " + " | ".join(TENSOR_COLUMNS) + " |", "|---" + "|---:" * (len(TENSOR_COLUMNS) - 1) + "|"]
@@ -284,6 +314,9 @@ def recipe_list(descriptions: dict[str, str]) -> None:
 
 def recipe_ok(recipe) -> None:
     stages = ", ".join(f"{p.stage}/{p.name}" for p in recipe.passes) or "no passes"
+    if getattr(recipe, "alternatives", ()):
+        rungs = " | ".join(f"{a.name}: {', '.join(f'{p.stage}/{p.name}' for p in a.passes)}" for a in recipe.alternatives)
+        stages = f"alternatives tried in order ({rungs}), then {stages}"
     gates = ", ".join(f"{k}={v}" for k, v in recipe.gates.model_dump().items() if v is not None) or "none"
     out.print(f"{recipe.source}: ok — passes: {stages}; gates: {gates}")
 

@@ -88,7 +88,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     if request.data is None and recipe.needs_calibration:
         from modelpress.compressors.registry import PASSES
 
-        needing = [f"{p.stage}/{p.name}" for p in recipe.passes if PASSES[p.stage][p.name].calibrates(p.config)]
+        needing = [f"{p.stage}/{p.name}" for p in recipe.every_pass if PASSES[p.stage][p.name].calibrates(p.config)]
         raise InputError(
             f"{recipe.source}: {', '.join(needing)} calibrate on real inputs; pass --data with samples of them "
             "(random inputs would calibrate to the wrong ranges)"
@@ -129,7 +129,14 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         passes = search.passes + passes
         job_notes += search.notes
 
-    model, records = run_passes(model, passes, on_start=lambda p: progress(f"{p.stage}: {p.name}", 0, 1))
+    ladder = None
+    if recipe.alternatives:  # whole pipelines tried in order: the first that meets the gates is kept
+        from modelpress.compressors.alternatives import run_ladder
+
+        ladder = run_ladder(model, recipe, context, evaluation, request.model, model_size(request.model), progress)
+        model, records, job_notes = ladder.model, ladder.records, job_notes + ladder.notes
+    else:
+        model, records = run_passes(model, passes, on_start=lambda p: progress(f"{p.stage}: {p.name}", 0, 1))
     packed_bytes = None
     if fits_in_protobuf(model):
         onnx_bytes = to_bytes(model)
@@ -184,6 +191,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
         },
         notes=notes,
         search=None if search is None else search.summary,
+        alternatives=None if ladder is None else ladder.summary,
     )
 
 

@@ -8,7 +8,7 @@ problem at once as ``file:line: key.path: message`` with the valid choices and a
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,20 @@ class PassSpec:
 
 
 @dataclass(frozen=True)
+class Alternative:
+    """One rung of a recipe's ``alternatives:`` ladder: its own prune / quantize passes (the encode
+    pass, gates and settings are the recipe's). The job keeps the first rung whose gates hold."""
+
+    name: str
+    passes: tuple[PassSpec, ...]
+    description: str = ""
+    # Abandon the rung once it has run this long (checked when a pass reports progress and between
+    # passes; the last rung always runs to the end). A budget that binds makes the choice depend on
+    # the machine's speed, so it is meant as a bound for models the rung is hopeless on.
+    max_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     source: str
     description: str
@@ -67,6 +81,11 @@ class Recipe:
     seed: int
     search: SearchSpace | None = None  # the passes are then chosen per layer group (search/run.py)
     calibration: CalibrationSettings = CalibrationSettings()
+    alternatives: tuple[Alternative, ...] = ()  # a ladder of pipelines, tried in order (alternatives.py)
+
+    def alternative(self, index: int) -> Recipe:
+        """The recipe as if it held only rung ``index``'s passes (plus the shared encode pass)."""
+        return replace(self, passes=self.alternatives[index].passes + self.passes, alternatives=())
 
     def build(self, context: PassContext) -> tuple[list[Pass], EncodePass | None]:
         """Instantiate graph passes in stage order, and the encoder if the recipe encodes."""
@@ -86,16 +105,22 @@ class Recipe:
     def needs_original(self) -> bool:
         from modelpress.compressors.registry import PASSES
 
-        return any(getattr(PASSES[s.stage][s.name], "needs_original", False) for s in self.passes)
+        return any(getattr(PASSES[s.stage][s.name], "needs_original", False) for s in self.every_pass)
 
     @property
     def needs_calibration(self) -> bool:
         from modelpress.compressors.registry import PASSES
 
-        return any(PASSES[s.stage][s.name].calibrates(s.config) for s in self.passes)
+        return any(PASSES[s.stage][s.name].calibrates(s.config) for s in self.every_pass)
+
+    @property
+    def every_pass(self) -> tuple[PassSpec, ...]:
+        """The recipe's passes and those of every alternative."""
+        return self.passes + tuple(spec for alt in self.alternatives for spec in alt.passes)
 
 
-TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "calibration", "seed", "search")
+TOP_LEVEL_KEYS = ("description", *STAGES, "gates", "benchmark", "calibration", "seed", "search", "alternatives")
+ALTERNATIVE_KEYS = ("name", "description", "max_seconds", "prune", "quantize")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -163,6 +188,7 @@ def parse_recipe(text: str, source: str) -> Recipe:
     bench = _validate(BenchmarkSettings, data.get("benchmark"), ("benchmark",), report)
     calibration = _validate(CalibrationSettings, data.get("calibration"), ("calibration",), report)
     search = _validate(SearchSpace, data["search"], ("search",), report) if "search" in data else None
+    alternatives = _parse_alternatives(data, report) if "alternatives" in data else ()
     if search is not None and check_fixed_passes(passes):
         report(("search",), check_fixed_passes(passes))
     seed = data.get("seed", 0)
@@ -173,10 +199,60 @@ def parse_recipe(text: str, source: str) -> Recipe:
         report(("description",), "the description must be a string")
     if problems:
         raise RecipeError(problems)
-    return Recipe(source, description, tuple(passes), gates, bench, seed, search, calibration)
+    return Recipe(source, description, tuple(passes), gates, bench, seed, search, calibration, alternatives)
 
 
-def _parse_passes(data: dict, report) -> list[PassSpec]:
+def _parse_alternatives(data: dict, report) -> tuple[Alternative, ...]:
+    """The ``alternatives:`` ladder: a non-empty list of named rungs, each with its own prune and/or
+    quantize passes; the stages at the top level would be ambiguous beside it, a search too."""
+    entries = data["alternatives"]
+    where = ("alternatives",)
+    for stage in ("prune", "quantize"):
+        if data.get(stage):
+            report((stage,), f"a recipe with `alternatives:` holds its {stage} passes inside each alternative; "
+                             f"move them into the alternatives that should run them")
+    if "search" in data:
+        report(where, "`alternatives:` and `search:` cannot be combined: the search chooses passes per layer, the "
+                      "alternatives are whole pipelines tried in order; keep one of them")
+    if not isinstance(entries, list) or not entries:
+        report(where, "must be a non-empty list of pipelines tried in order, e.g. `alternatives:\n  - name: "
+                      "pruned\n    prune: [...]\n    quantize: [...]`")
+        return ()
+    rungs: list[Alternative] = []
+    names: set[str] = set()
+    for index, entry in enumerate(entries):
+        path: KeyPath = (*where, index)
+        if not isinstance(entry, dict):
+            report(path, f"each alternative must be a mapping of keys: {', '.join(ALTERNATIVE_KEYS)}")
+            continue
+        for key in entry:
+            if key not in ALTERNATIVE_KEYS:
+                why = (" (encode, gates, benchmark and seed are shared: set them at the top level)"
+                       if key in TOP_LEVEL_KEYS else _did_you_mean(str(key), ALTERNATIVE_KEYS))
+                report(path + (key,), f"unknown key {key!r}{why}; valid keys: {', '.join(ALTERNATIVE_KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            report(path + ("name",), "each alternative needs a `name` (a non-empty string) for the report")
+        elif name in names:
+            report(path + ("name",), f"duplicate alternative name {name!r}: the report tells them apart by name")
+        names.add(name)
+        budget = entry.get("max_seconds")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+            report(path + ("max_seconds",), f"{budget!r} is not valid: a positive number of seconds")
+        description = entry.get("description", "")
+        if not isinstance(description, str):
+            report(path + ("description",), "the description must be a string")
+        if not any(entry.get(stage) for stage in ("prune", "quantize")):
+            report(path, "has no passes: give it `prune:` and/or `quantize:` passes")
+            continue
+        stages = {stage: entry[stage] for stage in ("prune", "quantize") if stage in entry}
+        passes = _parse_passes(stages, report, path)
+        rungs.append(Alternative(str(name), tuple(passes), description,
+                                 None if budget is None else float(budget)))
+    return tuple(rungs)
+
+
+def _parse_passes(data: dict, report, prefix: KeyPath = ()) -> list[PassSpec]:
     from modelpress.compressors.registry import PASSES
 
     specs: list[PassSpec] = []
@@ -185,11 +261,11 @@ def _parse_passes(data: dict, report) -> list[PassSpec]:
         if entries is None:
             continue
         if not isinstance(entries, list):
-            report((stage,), f"must be a list of passes, e.g. `{stage}:\\n  - type: {next(iter(PASSES[stage]), 'name')}`")
+            report((*prefix, stage), f"must be a list of passes, e.g. `{stage}:\\n  - type: {next(iter(PASSES[stage]), 'name')}`")
             continue
         choices = PASSES[stage]
         for index, entry in enumerate(entries):
-            path: KeyPath = (stage, index)
+            path: KeyPath = (*prefix, stage, index)
             if not isinstance(entry, dict) or "type" not in entry:
                 report(path, f"each pass needs a `type`; valid {stage} passes: {', '.join(choices)}")
                 continue

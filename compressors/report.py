@@ -45,6 +45,7 @@ class Report:
     data: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     search: dict[str, Any] | None = None  # the accuracy-budget search, when the recipe has one
+    alternatives: dict[str, Any] | None = None  # the recipe's alternatives ladder: each rung tried, the one kept
 
     @property
     def gates_passed(self) -> bool:
@@ -77,6 +78,7 @@ class Report:
             "notes": self.notes,
             "tensors": self.tensor_table(),
             **({"search": self.search} if self.search is not None else {}),
+            **({"alternatives": self.alternatives} if self.alternatives is not None else {}),
         })
 
 

@@ -1,25 +1,16 @@
-"""Lossless order-0 entropy coding of byte symbol streams and of whole tensor payloads (numpy only).
-
-A *stream* is a uint8 symbol array coded under its own order-0 distribution: the symbol counts
-travel with it, so the decoder rebuilds exactly the model the encoder used. Four stream kinds:
-
-- raw       the symbols verbatim (noise-like data, or too short for a table to pay off)
-- constant  one symbol repeated
-- ans       one rANS stack coded by ``constriction`` (AnsCoder + Categorical): no per-lane cost,
-            ~20-70 M symbols/s to decode; used for short streams
-- lanes     interleaved rANS with many lanes, coded and decoded here with vectorized numpy
-            (one numpy step decodes one symbol in every lane): ~80 M symbols/s on long streams,
-            at the price of 4 bytes of final state per lane
+"""Lossless entropy coding of whole tensor payloads (numpy only); streams in ``entropy_streams``.
 
 A *tensor payload* (the raw bytes of one tensor) is coded by ``encode_payload``, which tries the
 methods that suit its element width and keeps the smallest: the bytes as symbols, 4-bit values as
 nibbles, wider values as byte planes (plane k = byte k of every value: a float's exponent byte is
 very predictable, its low mantissa bytes are not), mostly-zero tensors as a zero mask (bitmap or
 zero-run lengths, whichever is smaller) plus the nonzero values, zlib for repetitive data, or raw.
+Each symbol stream is coded by ``entropy_streams.encode_stream`` under its own order-0 model, with
+the symbol table of ``entropy_tables``; this module re-exports that stream API for its callers.
 
-Every decoder takes the exact size the container expects, validates every count and table before
-allocating, and raises ``CorruptStream`` (never anything else, never unbounded work) on bad input.
-All arithmetic is integer and all choices are deterministic: the same bytes always code the same.
+Every decoder takes the exact size the container expects and the container's format ``version``
+(3 written, 2 still read), validates every count before allocating, and raises ``CorruptStream``
+(never anything else, never unbounded work) on bad input. All choices are deterministic.
 """
 
 from __future__ import annotations
@@ -27,288 +18,14 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-import constriction
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------
-# Stream coding
-# ---------------------------------------------------------------------------------------------
-
-RAW_STREAM, CONSTANT_STREAM, ANS_STREAM, LANES_STREAM = 0, 1, 2, 3
-STREAM_KINDS = {RAW_STREAM: "raw", CONSTANT_STREAM: "constant", ANS_STREAM: "ans", LANES_STREAM: "lanes"}
-
-# Below this many symbols a count table costs more than coding saves.
-MIN_CODED_SYMBOLS = 32
-# constriction decodes 20-70 M symbols/s with no per-lane cost but allocates 4 bytes per symbol;
-# the lane coder is faster on long streams. Streams longer than this must use lanes.
-MAX_ANS_SYMBOLS = 1 << 22
-# Lane coder: 16-bit probability precision, 32-bit states in [2^16, 2^32), 16-bit words.
-PRECISION = 16
-_TOTAL = 1 << PRECISION
-_LOWER = 1 << 16
-MIN_LANES, MAX_LANES = 1024, 65535
-# One numpy step decodes one symbol per lane: bounding the steps bounds decode time of any input.
-MAX_LANE_STEPS = 1 << 15
-# A coded stream is kept only when it saves at least this share over raw (decode speed matters too).
-MIN_SAVING = 0.005
-
-
-class CorruptStream(ValueError):
-    """The bytes are not a stream this module wrote (the container turns this into an InputError)."""
-
-
-def entropy_bits(symbols: np.ndarray) -> float:
-    """Order-0 (empirical) entropy of a uint8 stream, in bits for the whole stream."""
-    flat = np.asarray(symbols).ravel()
-    if flat.size == 0:
-        return 0.0
-    return _entropy_of_counts(np.bincount(flat, minlength=256))
-
-
-def _entropy_of_counts(counts: np.ndarray) -> float:
-    counts = counts[counts > 0].astype(np.float64)
-    total = counts.sum()
-    if total == 0:
-        return 0.0
-    return float(-(counts * np.log2(counts / total)).sum())
-
-
-def _table(symbols: np.ndarray, counts: np.ndarray) -> bytes:
-    """k-1 u8 | the k symbols (a list when k <= 32, else a 32-byte bitmap) | k LEB128 counts."""
-    k = len(symbols)
-    if k <= 32:
-        present = symbols.astype(np.uint8).tobytes()
-    else:
-        bitmap = np.zeros(256, dtype=bool)
-        bitmap[symbols] = True
-        present = np.packbits(bitmap, bitorder="little").tobytes()
-    return bytes([k - 1]) + present + b"".join(_leb128(int(c)) for c in counts)
-
-
-def _leb128(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_table(data: memoryview, pos: int, count: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Parse a table at ``pos``; its counts must add up to ``count``. Returns (symbols, counts, end)."""
-    if pos >= len(data):
-        raise CorruptStream("symbol table cut short")
-    k = data[pos] + 1
-    pos += 1
-    width = k if k <= 32 else 32
-    if k < 2 or pos + width > len(data):
-        raise CorruptStream("symbol table cut short")
-    if k <= 32:
-        symbols = np.frombuffer(data[pos : pos + k], dtype=np.uint8)
-        if (np.diff(symbols.astype(np.int16)) <= 0).any():
-            raise CorruptStream("symbol table is not in increasing order")
-    else:
-        symbols = np.flatnonzero(np.unpackbits(np.frombuffer(data[pos : pos + 32], np.uint8), bitorder="little"))
-        if symbols.size != k:
-            raise CorruptStream("symbol bitmap does not hold the declared number of symbols")
-        symbols = symbols.astype(np.uint8)
-    pos += width
-    counts = np.zeros(k, dtype=np.int64)
-    for i in range(k):  # at most 256 varints of at most 5 bytes: bounded work
-        value = shift = 0
-        while True:
-            if pos >= len(data) or shift > 28:
-                raise CorruptStream("symbol counts malformed")
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        counts[i] = value
-    if (counts == 0).any() or int(counts.sum()) != count:
-        raise CorruptStream("symbol table does not describe the stream")
-    return symbols, counts, pos
-
-
-def quantize_counts(counts: np.ndarray, total: int = _TOTAL) -> np.ndarray:
-    """Integer frequencies summing to ``total``, each >= 1, close to proportional (deterministic)."""
-    counts = counts.astype(np.int64)
-    n = int(counts.sum())
-    freqs = np.maximum(1, counts * total // n)
-    excess = int(freqs.sum()) - total
-    order = np.argsort(-counts, kind="stable")
-    if excess < 0:  # rounding down left room: give it to the most frequent symbol
-        freqs[order[0]] -= excess
-    else:  # symbols bumped up to 1 overdrew: take it back from the most frequent ones
-        for i in order:
-            take = min(excess, int(freqs[i]) - 1)
-            freqs[i] -= take
-            excess -= take
-            if excess == 0:
-                break
-    return freqs
-
-
-def _lane_count(n: int, bits: float) -> int:
-    """Lanes for a long stream: enough for speed, few enough that 4 state bytes each stay <0.4 %."""
-    lanes = MIN_LANES
-    while lanes * 2 <= min(16384, bits / 8 / 1024):
-        lanes *= 2
-    return min(MAX_LANES, max(lanes, -(-n // MAX_LANE_STEPS)))
-
-
-def _use_ans(n: int, bits: float) -> bool:
-    """constriction for short streams (no per-lane cost); lanes once they are fast and cheap enough."""
-    return n <= MAX_ANS_SYMBOLS and (n < 1 << 20 or bits / 8 < MIN_LANES * 1024)
-
-
-def encode_stream(symbols: np.ndarray) -> bytes:
-    """Code a uint8 array (any shape; flattened) losslessly; the smallest stream kind wins."""
-    flat = np.ascontiguousarray(symbols, dtype=np.uint8).ravel()
-    n = flat.size
-    raw = bytes([RAW_STREAM]) + flat.tobytes()
-    counts = np.bincount(flat, minlength=256)
-    present = np.flatnonzero(counts)
-    if len(present) == 1:
-        return bytes([CONSTANT_STREAM, int(present[0])])
-    if n < MIN_CODED_SYMBOLS:
-        return raw
-    bits = _entropy_of_counts(counts)
-    if bits / 8 > n * (1 - MIN_SAVING):  # cannot beat raw by enough
-        return raw
-    table = _table(present, counts[present])
-    index = np.zeros(256, dtype=np.int32)
-    index[present] = np.arange(len(present), dtype=np.int32)
-    if _use_ans(n, bits):
-        coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(index[flat], _ans_model(counts[present]))
-        coded = bytes([ANS_STREAM]) + table + coder.get_compressed().astype("<u4").tobytes()
-    else:
-        lanes = _lane_count(n, bits)
-        states, words = _lanes_encode(flat, quantize_counts(counts[present]), index, lanes)
-        coded = (bytes([LANES_STREAM]) + table + np.uint32(lanes).astype("<u4").tobytes()
-                 + states.astype("<u4").tobytes() + words.astype("<u2").tobytes())
-    return coded if len(coded) < len(raw) * (1 - MIN_SAVING) else raw
-
-
-def decode_stream(data: bytes | memoryview, count: int) -> np.ndarray:
-    """Decode one stream of exactly ``count`` symbols; ``data`` is exactly what ``encode_stream`` returned."""
-    data = memoryview(data).cast("B")
-    if len(data) == 0:
-        raise CorruptStream("empty stream")
-    kind = data[0]
-    if kind == RAW_STREAM:
-        if len(data) != 1 + count:
-            raise CorruptStream(f"raw stream holds {len(data) - 1} symbols, expected {count}")
-        return np.frombuffer(data[1:], dtype=np.uint8).copy()
-    if kind == CONSTANT_STREAM:
-        if len(data) != 2:
-            raise CorruptStream("constant stream malformed")
-        return np.full(count, data[1], dtype=np.uint8)
-    if kind not in (ANS_STREAM, LANES_STREAM):
-        raise CorruptStream(f"unknown stream kind {kind}")
-    symbols, counts, pos = _read_table(data, 1, count)
-    if kind == LANES_STREAM:  # its final lane states are the integrity check
-        return _lanes_decode(data, pos, symbols, quantize_counts(counts), count)
-    decoded = _ans_decode(data[pos:], counts, count)
-    # constriction decodes garbage without complaint: the exact symbol counts are the check.
-    if not np.array_equal(np.bincount(decoded, minlength=len(counts)), counts):
-        raise CorruptStream("decoded symbols do not match the stream's symbol counts")
-    return symbols[decoded]
-
-
-def _ans_model(counts: np.ndarray):
-    return constriction.stream.model.Categorical(counts.astype(np.float64) / float(counts.sum()), perfect=False)
-
-
-def _ans_decode(words: memoryview, counts: np.ndarray, count: int) -> np.ndarray:
-    if count > MAX_ANS_SYMBOLS:
-        raise CorruptStream(f"ans stream claims {count} symbols, more than the kind allows")
-    if len(words) % 4 or len(words) == 0:
-        raise CorruptStream("ans words cut short")
-    try:
-        coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
-        decoded = coder.decode(_ans_model(counts), count)
-        leftover = not coder.is_empty()
-    except Exception as exc:  # constriction raises ValueError/AssertionError on invalid data
-        raise CorruptStream(f"ans words do not decode ({exc})") from None
-    if leftover:
-        raise CorruptStream("ans words left over after decoding")
-    return decoded
-
-
-def _lanes_encode(flat: np.ndarray, freqs: np.ndarray, index: np.ndarray, lanes: int):
-    """Interleaved rANS: symbol i goes to lane i % lanes. Returns (final states, word stream).
-
-    The decoder reads words in step order and, within a step, in lane order; the encoder runs the
-    steps backwards, so it collects each step's words and reverses the list of chunks at the end.
-    """
-    freq_by_index = freqs.astype(np.uint32)
-    cum_by_index = np.concatenate([[0], np.cumsum(freq_by_index)[:-1]]).astype(np.uint32)
-    codes = index.astype(np.uint8)[flat]
-    n = flat.size
-    steps = -(-n // lanes)
-    state = np.full(lanes, _LOWER, dtype=np.uint32)
-    chunks = []
-    for step in range(steps - 1, -1, -1):
-        row = codes[step * lanes : (step + 1) * lanes]
-        x = state[: row.size]
-        f = freq_by_index[row]
-        emit = np.flatnonzero(x >= (f << np.uint32(32 - PRECISION)))
-        chunks.append((x[emit] & np.uint32(0xFFFF)).astype(np.uint16))
-        x[emit] >>= np.uint32(16)
-        q = x // f
-        x -= q * f
-        x += (q << np.uint32(PRECISION)) + cum_by_index[row]
-    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
-    return state, words
-
-
-def _lanes_decode(data: memoryview, pos: int, symbols: np.ndarray, freqs: np.ndarray, count: int) -> np.ndarray:
-    if pos + 4 > len(data):
-        raise CorruptStream("lane count cut short")
-    lanes = int(np.frombuffer(data[pos : pos + 4], dtype="<u4")[0])
-    pos += 4
-    # The encoder never uses fewer lanes than this, so a forged stream cannot buy many slow steps.
-    if not min(MIN_LANES, count, MAX_LANES) <= lanes <= MAX_LANES or -(-count // lanes) > MAX_LANE_STEPS + 1:
-        raise CorruptStream(f"lane stream declares {lanes} lanes for {count} symbols")
-    if pos + 4 * lanes > len(data) or (len(data) - pos - 4 * lanes) % 2:
-        raise CorruptStream("lane states or words cut short")
-    # int64 throughout: int64 slots index a table without a cast, the fastest numpy gather.
-    state = lanes_state = np.frombuffer(data[pos : pos + 4 * lanes], dtype="<u4").astype(np.int64)
-    words = np.frombuffer(data[pos + 4 * lanes :], dtype="<u2").astype(np.int64)
-    if (state < _LOWER).any():
-        raise CorruptStream("lane state out of range")
-    # One table lookup per symbol: slot -> symbol, and slot -> (frequency << 32 | offset in its range).
-    freq = freqs.astype(np.int64)
-    symbol_of_slot = np.repeat(symbols, freq)
-    offset_of_slot = np.arange(_TOTAL, dtype=np.int64) - np.repeat(np.cumsum(freq) - freq, freq)
-    step_of_slot = (np.repeat(freq, freq) << 32) | offset_of_slot
-    out = np.empty(count, dtype=np.uint8)
-    slot, entry, scratch = (np.empty(lanes, dtype=np.int64) for _ in range(3))
-    read = 0
-    for start in range(0, count, lanes):
-        if count - start < lanes:  # the last step may cover fewer lanes
-            width = count - start
-            state, slot, entry, scratch = state[:width], slot[:width], entry[:width], scratch[:width]
-        np.bitwise_and(state, _TOTAL - 1, out=slot)
-        np.take(symbol_of_slot, slot, out=out[start : start + len(slot)], mode="clip")
-        np.take(step_of_slot, slot, out=entry, mode="clip")
-        state >>= PRECISION
-        state *= np.right_shift(entry, 32, out=scratch)
-        state += np.bitwise_and(entry, 0xFFFFFFFF, out=scratch)
-        refill = np.flatnonzero(state < _LOWER)
-        if refill.size:
-            if read + refill.size > len(words):
-                raise CorruptStream("lane words run out before the stream ends")
-            state[refill] = (state[refill] << 16) | words[read : read + refill.size]
-            read += refill.size
-    # Every lane started at _LOWER in the encoder, so every lane must end there.
-    if read != len(words) or (lanes_state != _LOWER).any():
-        raise CorruptStream("lane words do not end where the stream does")
-    return out
-
+# The stream API, re-exported: callers and tests import it from here.
+from modelpress.kernels.entropy_streams import (  # noqa: F401
+    ANS_STREAM, CONSTANT_STREAM, LANES_STREAM, MIN_CODED_SYMBOLS, RAW_STREAM, READABLE_VERSIONS,
+    STREAM_KINDS, STREAM_VERSION, decode_stream, encode_stream, entropy_bits, estimate_stream, stream_layout,
+)
+from modelpress.kernels.entropy_tables import PRECISION, CorruptStream, quantize_counts  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # Layouts: byte planes, nibbles
@@ -385,22 +102,6 @@ class _Plan:
     def code(self) -> CodedPayload:
         return CodedPayload(self.method, [prefix + encode_stream(symbols) for prefix, symbols in self.streams],
                             self.entropy_bits)
-
-
-def estimate_stream(symbols: np.ndarray) -> tuple[int, float]:
-    """(bytes ``encode_stream`` will about take, order-0 entropy in bits), without coding."""
-    n = symbols.size
-    counts = np.bincount(symbols.ravel(), minlength=256)
-    present = int(np.count_nonzero(counts))
-    bits = _entropy_of_counts(counts)
-    if present == 1:
-        return 2, bits
-    if n < MIN_CODED_SYMBOLS or bits / 8 > n * (1 - MIN_SAVING):
-        return n + 1, bits
-    used = counts[counts > 0]
-    table = 1 + min(present, 32) + int(sum((int(c).bit_length() + 6) // 7 for c in used))
-    lanes = _lane_count(n, bits) if not _use_ans(n, bits) else 2
-    return min(n + 1, 1 + table + int(bits / 8) + 4 * lanes), bits
 
 
 def encode_payload(raw: bytes | memoryview, bits: int, level: int = 9) -> CodedPayload:
@@ -491,8 +192,51 @@ def _sparse(values: np.ndarray, itemsize: int) -> list[_Plan]:
     runs = zero_runs(mask)
     return [
         _Plan(SPARSE_BITMAP, [(b"", np.packbits(mask, bitorder="little"))] + value_streams),
-        _Plan(SPARSE_RUNS, [(runs.size.to_bytes(8, "little"), runs)] + value_streams),
+        _Plan(SPARSE_RUNS, [(_leb128(runs.size), runs)] + value_streams),
     ]
+
+
+def _leb128(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, low first, high bit set on all but the last byte."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _run_count(stream: memoryview, version: int) -> tuple[int, int]:
+    """(symbols in a sparse-runs stream, where its coded stream starts): a u64 in version 2, a
+    LEB128 varint (at most 10 bytes, no redundant zero bytes) since version 3."""
+    if version == 2:
+        if len(stream) < 8:
+            raise CorruptStream("zero-run count cut short")
+        return int.from_bytes(stream[:8], "little"), 8
+    value = 0
+    for i in range(min(10, len(stream))):
+        value |= (stream[i] & 0x7F) << (7 * i)
+        if stream[i] < 0x80:
+            if i and stream[i] == 0:
+                raise CorruptStream("zero-run count has a redundant byte")
+            return value, i + 1
+    raise CorruptStream("zero-run count cut short")
+
+
+def payload_streams(raw: bytes | memoryview, bits: int, method: int) -> list[tuple[int, np.ndarray]]:
+    """(prefix bytes, symbols) of each coded stream ``method`` makes of a payload, in stream order
+    (none for ``raw`` and ``zlib``): what a size report compares the coded streams against."""
+    values = np.frombuffer(raw, dtype=np.uint8)
+    itemsize = _itemsize(bits, values.size)
+    if method in (SPARSE_BITMAP, SPARSE_RUNS):
+        plan = next(plan for plan in _sparse(values, itemsize) if plan.method == method)
+    elif method == PLANES:
+        plan = _Plan(PLANES, [(b"", plane) for plane in split_planes(values, itemsize)])
+    elif method in (BYTES, NIBBLES):
+        plan = _Plan(method, [(b"", values if method == BYTES else split_nibbles(values))])
+    else:
+        return []
+    return [(len(prefix), symbols) for prefix, symbols in plan.streams]
 
 
 def _zlib(raw: bytes | memoryview, level: int, to_beat: int) -> CodedPayload | None:
@@ -518,8 +262,12 @@ def stream_count(method: int, bits: int, length: int) -> int:
     return 1
 
 
-def decode_payload(method: int, streams: list[memoryview | bytes], length: int, bits: int) -> bytes:
-    """Inverse of ``encode_payload`` for a payload of exactly ``length`` bytes."""
+def decode_payload(method: int, streams: list[memoryview | bytes], length: int, bits: int,
+                   version: int = STREAM_VERSION) -> bytes:
+    """Inverse of ``encode_payload`` for a payload of exactly ``length`` bytes, written under the
+    .mpk format ``version`` (3, or 2 for artifacts of earlier releases)."""
+    if version not in READABLE_VERSIONS:
+        raise CorruptStream(f"stream format version {version} is not one of {READABLE_VERSIONS}")
     itemsize = _itemsize(bits, length)
     if method not in METHOD_NAMES:
         raise CorruptStream(f"unknown coding method {method}")
@@ -532,33 +280,30 @@ def decode_payload(method: int, streams: list[memoryview | bytes], length: int, 
     if method == ZLIB:
         return _unzlib(streams[0], length)
     if method == BYTES:
-        return decode_stream(streams[0], length).tobytes()
+        return decode_stream(streams[0], length, version).tobytes()
     if method == NIBBLES:
-        return join_nibbles(decode_stream(streams[0], 2 * length))
+        return join_nibbles(decode_stream(streams[0], 2 * length, version))
     if method == PLANES:
         if itemsize < 2:
             raise CorruptStream("byte planes need values of two bytes or more")
         out = np.empty((length // itemsize, itemsize), dtype=np.uint8)
         for k, stream in enumerate(streams):
-            out[:, k] = decode_stream(stream, length // itemsize)
+            out[:, k] = decode_stream(stream, length // itemsize, version)
         return out.tobytes()
     elements = length // itemsize
     if method == SPARSE_BITMAP:
-        bits_of_mask = np.unpackbits(decode_stream(streams[0], -(-elements // 8)), bitorder="little")
+        bits_of_mask = np.unpackbits(decode_stream(streams[0], -(-elements // 8), version), bitorder="little")
         if bits_of_mask[elements:].any():
             raise CorruptStream("zero mask has bits past the tensor's end")
         mask = bits_of_mask[:elements].view(bool)
     else:
-        head = bytes(streams[0][:8])
-        if len(head) < 8:
-            raise CorruptStream("zero-run count cut short")
-        runs = int.from_bytes(head, "little")
+        runs, start = _run_count(memoryview(streams[0]).cast("B"), version)
         if runs > elements + elements // _RUN_ESCAPE + 1:
             raise CorruptStream(f"{runs} zero-run symbols cannot describe {elements} elements")
-        mask = mask_from_runs(decode_stream(memoryview(streams[0])[8:], runs), elements)
+        mask = mask_from_runs(decode_stream(memoryview(streams[0])[start:], runs, version), elements)
     nonzero = int(np.count_nonzero(mask))
     if itemsize == 1:  # bytes and packed 4-bit indices: no plane interleaving (the common, hot case)
-        values = decode_stream(streams[1], nonzero)
+        values = decode_stream(streams[1], nonzero, version)
         if nonzero and not values.all():
             raise CorruptStream("a value the zero mask marks as nonzero is zero")
         out = np.zeros(elements, dtype=np.uint8)
@@ -566,7 +311,7 @@ def decode_payload(method: int, streams: list[memoryview | bytes], length: int, 
         return out.tobytes()
     values = np.empty((nonzero, itemsize), dtype=np.uint8)
     for k, stream in enumerate(streams[1:]):
-        values[:, k] = decode_stream(stream, nonzero)
+        values[:, k] = decode_stream(stream, nonzero, version)
     if not _nonzero(values.ravel(), itemsize).all():
         raise CorruptStream("a value the zero mask marks as nonzero is zero")
     out = np.zeros((elements, itemsize), dtype=np.uint8)

@@ -6,7 +6,8 @@ after:  an artifact holding (1) the ONNX bytes with every large tensor payload c
 Nothing is re-serialized: decoding splices the payloads back at their recorded offsets, so the
 bytes come back identical by construction, and a SHA-256 of the ONNX bytes proves it.
 
-Layout (format version 2, little-endian; the full spec is docs/mpk-format.md):
+Layout (format version 3, little-endian; the full spec is docs/mpk-format.md; version 2 artifacts,
+which differ only inside the coded streams, still decode):
 
     header    72 bytes: magic | version | flags | tensor_count | onnx_length | block_length
               | table_length | onnx_sha256
@@ -37,7 +38,10 @@ from modelpress.compressors.errors import InputError
 from modelpress.kernels import entropy
 
 MAGIC = b"\x89MPK\r\n\x1a\n"  # PNG-style: a text-mode transfer or a truncated upload shows at once
-VERSION = 2
+VERSION = 3
+# Versions ``unpack`` reads: 2 differs from 3 only inside the coded streams (byte-aligned symbol
+# tables of exact counts, whole ans words, u64 zero-run counts), so its artifacts keep decoding.
+READABLE_VERSIONS = (2, 3)
 # A protobuf message cannot reach 2 GiB, so no ONNX file (without external data) is larger.
 MAX_ONNX_BYTES = 2**31 - 1
 # Payloads smaller than this stay in the skeleton, where LZMA2 codes them in context.
@@ -177,6 +181,7 @@ def _lzma(data: bytes, level: int, onnx_length: int) -> bytes:
 
 @dataclass
 class _Parsed:
+    version: int
     onnx_length: int
     digest: bytes
     block_bytes: int  # compressed size of table + skeleton
@@ -192,13 +197,14 @@ def _parse(data: bytes) -> _Parsed:
     if len(view) < _HEADER.size + 4:
         raise InputError("artifact is truncated (shorter than its header)")
     _magic, version, flags, count, onnx_length, block_length, table_length, digest = _HEADER.unpack_from(view)
-    if version != VERSION:
-        raise InputError(f"artifact format version {version}; this modelpress reads version {VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise InputError(f"artifact format version {version}; this modelpress reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     (crc,) = struct.unpack_from("<I", view, len(view) - 4)
     if zlib.crc32(view[:-4]) != crc:
         raise InputError("checksum mismatch: the artifact is corrupt or truncated")
     if flags:
-        raise InputError(f"artifact uses flags {flags:#x} that format version {VERSION} does not define")
+        raise InputError(f"artifact uses flags {flags:#x} that format version {version} does not define")
     if onnx_length > MAX_ONNX_BYTES:
         raise InputError(f"artifact declares {onnx_length} bytes of ONNX, more than the format allows")
     if table_length > MAX_TABLE_BYTES or count > table_length // _ENTRY.size:
@@ -223,7 +229,7 @@ def _parse(data: bytes) -> _Parsed:
             position += length
     if position != end:
         raise InputError("artifact has bytes after its last tensor")
-    return _Parsed(onnx_length, digest, block_length, entries, decompressor)
+    return _Parsed(version, onnx_length, digest, block_length, entries, decompressor)
 
 
 def _inflate(decompressor: lzma.LZMADecompressor, packed: memoryview | bytes, size: int, what: str) -> bytes:
@@ -299,7 +305,8 @@ def unpack(data: bytes) -> bytes:
         out[file_pos : span.start] = skeleton[skeleton_pos : skeleton_pos + gap]
         skeleton_pos += gap
         try:
-            payload = entropy.decode_payload(entry.method, entry.streams, span.length, dtype_of(span.data_type)[1])
+            payload = entropy.decode_payload(entry.method, entry.streams, span.length, dtype_of(span.data_type)[1],
+                                             parsed.version)
         except entropy.CorruptStream as exc:
             raise InputError(f"tensor {span.name!r}: {exc}") from None
         if len(payload) != span.length:
@@ -336,7 +343,7 @@ def describe(data: bytes) -> dict:
         })
     payload = sum(t["bytes"] for t in tensors)
     return {
-        "format_version": VERSION,
+        "format_version": parsed.version,
         "onnx_bytes": parsed.onnx_length,
         "shipped_bytes": len(data),
         "ratio": round(parsed.onnx_length / max(1, len(data)), 3),

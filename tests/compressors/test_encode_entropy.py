@@ -225,7 +225,7 @@ def _header_fields(artifact: bytes) -> list:
 
 
 @pytest.mark.parametrize("field, value, message", [
-    (1, 3, "format version 3"),
+    (1, 4, "format version 4"),
     (2, 1, "flags"),
     (3, 10**9, "more than its table can hold"),
     (4, 2**40, "more than the format allows"),

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from modelpress.kernels import entropy
+from modelpress.kernels import entropy, entropy_streams, entropy_tables
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -19,13 +19,13 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 def lanes_everywhere(min_lanes: int):
     """Force the numpy lane coder (normally only for streams past ~1 MB) with few lanes, so small
     hypothesis inputs exercise it over many steps and ragged last steps."""
-    with mock.patch.object(entropy, "_use_ans", lambda n, bits: False), \
-         mock.patch.object(entropy, "MIN_LANES", min_lanes):
+    with mock.patch.object(entropy_streams, "_use_ans", lambda n, bits: False), \
+         mock.patch.object(entropy_streams, "MIN_LANES", min_lanes):
         yield
 
 
 def kind(stream: bytes) -> str:
-    return entropy.STREAM_KINDS[stream[0]]
+    return entropy.STREAM_KINDS[stream[0] if stream[0] < 2 else stream[0] & 3]  # v3: 2 kind bits, then the table
 
 
 def skewed(rng, n, alphabet, zero_share):
@@ -109,7 +109,7 @@ def test_lane_size_within_one_percent_of_entropy():
     bound = entropy.entropy_bits(symbols) / 8
     coded = entropy.encode_stream(symbols)
     assert kind(coded) == "lanes"
-    lanes = entropy._lane_count(symbols.size, entropy.entropy_bits(symbols))
+    lanes = entropy_streams._lane_count(symbols.size, entropy.entropy_bits(symbols))
     assert len(coded) <= bound * 1.01 + 4 * lanes + 600
     assert len(coded) <= bound * 1.01  # at this size even the lane states fit within the 1 %
 
@@ -252,7 +252,7 @@ def test_damaged_streams_raise_corrupt_stream_only():
             for trial in range(200):
                 symbols = sources[trial % 2]
                 coded = bytearray(entropy.encode_stream(symbols))
-                assert entropy.STREAM_KINDS[coded[0]] == coder
+                assert kind(coded) == coder
                 if trial % 4 == 0:
                     coded = coded[: rng.integers(0, len(coded))]
                 else:
@@ -281,9 +281,9 @@ def test_forged_streams(forge):
     elif forge == "kind":
         coded[0] = 9
     elif forge == "table":
-        coded[1] = 0  # claims a single distinct symbol: counts cannot add up
+        coded[0] &= 0b10000011  # precision 0: no frequency can be coded
     else:
-        table_end = entropy._read_table(memoryview(bytes(coded)), 1, count)[2]
+        table_end = entropy_tables.read_table(memoryview(bytes(coded)), entropy.PRECISION, symbols.size)[3]
         if forge == "lanes":
             coded[table_end : table_end + 4] = (1).to_bytes(4, "little")  # 4000 steps of one lane
             count = 10**9

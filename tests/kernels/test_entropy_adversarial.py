@@ -8,7 +8,7 @@ from unittest import mock
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelpress.kernels import entropy
+from modelpress.kernels import entropy, entropy_streams
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -16,7 +16,7 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 def _coders(coder: str):
     if coder == "ans":
         return nullcontext()
-    return mock.patch.multiple(entropy, _use_ans=lambda n, bits: False, MIN_LANES=8)
+    return mock.patch.multiple(entropy_streams, _use_ans=lambda n, bits: False, MIN_LANES=8)
 
 
 def _round_trip(symbols: np.ndarray, coder: str) -> bytes:
