@@ -43,12 +43,13 @@ def measure_curves(model: ir.Model, values: list[ir.Value], levels: Sequence[flo
     reference = run({})
     curves: dict[str, list[float]] = {}
     for index, value in enumerate(values):
-        progress("pruning sensitivity", index, len(values))
         weights = originals[value.name]
-        curves[value.name] = [
-            relative_change(reference, run({value.name: prune(value, weights, level).astype(weights.dtype)}), masks)
-            for level in levels
-        ]
+        curve = []
+        for step, level in enumerate(levels):  # progress per run: a large model takes seconds each
+            progress("pruning sensitivity", index * len(levels) + step, len(values) * len(levels))
+            curve.append(relative_change(reference, run({value.name: prune(value, weights, level).astype(weights.dtype)}),
+                                         masks))
+        curves[value.name] = curve
     return curves
 
 

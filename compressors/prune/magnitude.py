@@ -26,6 +26,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD, iter_weights
+from modelpress.compressors.padding import compact_feeds
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.prune.allocation import allocate_levels, measure_curves
 from modelpress.compressors.selection import WeightFilterConfig, select_weights
@@ -45,6 +46,9 @@ class MagnitudeConfig(WeightFilterConfig):
     allocation: Literal["uniform", "sensitivity"] = Field(
         "uniform", description="sensitivity: per-tensor sparsity from the measured output change (uses --data)")
     max_layer_sparsity: float = Field(0.99, gt=0.0, lt=1.0, description="cap of any one tensor under sensitivity")
+    padding_mask: str | None = Field(
+        "attention_mask", description="model input whose zeros mark padding: left out of the sensitivity "
+        "measurement (and not computed: samples regrouped by length and cut)")
     op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose"], ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
@@ -113,12 +117,16 @@ class MagnitudePrune(Pass):
             rows += len(next(iter(feed.values()))) if feed else 1
             if rows >= SENSITIVITY_ROWS:
                 break
+        if config.padding_mask:
+            feeds, note = compact_feeds(ir.to_proto(model).SerializeToString(), feeds, config.padding_mask,
+                                        self.context.threads)
+            notes += [note] if note else []
 
         def by_magnitude(value, weights, level):
             return np.where(magnitude_mask(weights, level), weights, np.zeros((), weights.dtype))
 
         curves = measure_curves(model, measurable, levels, feeds, by_magnitude, self.context.threads,
-                                progress=self.context.progress)
+                                config.padding_mask, self.context.progress)
         sizes = {v.name: v.const_value.size for v in measurable}
         # Subgraph weights take the mean, so the measured ones carry the rest of the target.
         fixed = sum(v.const_value.size for v in candidates if v.graph is not model.graph) * config.sparsity
