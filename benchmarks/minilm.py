@@ -191,7 +191,8 @@ def tokenize(sentences: list[str]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- compressing
 
 
-def run_modelpress(model: Path, recipe: str, label: str, calib: Path, evaluation: Path) -> Variant:
+def run_modelpress(model: Path, recipe: str, label: str, calib: Path, evaluation: Path,
+                   timeout_s: float = 1800) -> Variant:
     out = model.with_name(f"{model.stem}.{label.split()[-1]}.onnx")
     report = out.with_suffix(".json")
     variant = Variant(label, out)
@@ -199,7 +200,7 @@ def run_modelpress(model: Path, recipe: str, label: str, calib: Path, evaluation
                "--eval-data", str(evaluation), "--output", str(out), "--report-json", str(report), "--force",
                "--quiet", "--runs", "10", "--warmup", "2"]  # the CLI's own timing is not reported here
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     variant.figures["compress_s"] = time.perf_counter() - start
     if done.returncode not in (0, 1) or not out.exists():  # exit 1: a gate missed, outputs written
         variant.status = f"failed (exit {done.returncode}): {cli_error(done.stderr or done.stdout)}"

@@ -4,20 +4,17 @@
     python benchmarks/minilm_prune.py          # long: sequential SparseGPT is ~5-10 min a variant on 2 idle cores
     python benchmarks/minilm_prune.py --variants sparse-50 --no-write
 
-The model, the sentences (first sentences of standard-library docstrings: every third one
-calibrates, the others evaluate), the measurements (mean-pooled cosine to fp32, nearest-neighbour
-agreement, interleaved p50 latency at batch 1 x 128 tokens) and the CLI runs come from
-`benchmarks/minilm.py`; this script only chooses the recipes. Calibration sentences are written
-padded to the longest one rather than to 128 tokens: the passes leave padding out of their
-statistics either way (`padding_mask: attention_mask`), and shorter rows make each capture run
-several times faster. Evaluation keeps minilm.py's 128-token padding. Each CLI run is bounded by
-`minilm.run_modelpress`'s 30-minute timeout; on a heavily shared machine sequential SparseGPT on
-464 sentences exceeded it (2026-11-27, load average 10 on 2 cores).
+The model, the sentences (first sentences of docstrings: every third standard-library one
+calibrates, then other modules' docstrings up to `--calibration`, 2048 by default; 400 others
+evaluate), the measurements (mean-pooled cosine to fp32, nearest-neighbour agreement, interleaved p50
+latency at batch 1 x 128 tokens) and the CLI runs come from `benchmarks/minilm.py`; this script only
+chooses the recipes. The passes leave padding out of their statistics and regroup the sentences by
+length, so short sentences cost what their tokens cost. Each CLI run is bounded by TIMEOUT_S.
 
 Variants (recipes written to the work directory unless shipped; all derived from the shipped
 `configs/sparse-50.yaml`, so they follow it):
 - `sparse-50`: the shipped recipe, SparseGPT 50 % unstructured one-shot (sequential, upstream
-  correction, exact refit).
+  correction, exact refit, per-layer sparsity by measured sensitivity, zeros kept by `sparse_storage`).
 - `sparse-2:4`: the same with `pattern: "2:4"`.
 - `...+recover`: followed by the `recover` pass (label-free distillation on the calibration
   sentences, with every block's LayerNorm output matched too: RECOVER).
@@ -53,6 +50,7 @@ SHIPPED = REPO / "configs" / "sparse-50.yaml"
 # The recovery that did best in-process on MiniLM (RESULTS.md, minilm-prune): as configs/structured-ffn-30.yaml.
 RECOVER = {"type": "recover", "batch_size": 16, "epochs": 8, "lr": 0.0003, "feature_ops": ["LayerNormalization"],
            "exclude": ["*word_embeddings*"], "max_seconds": 2400}
+TIMEOUT_S = 5400  # one CLI run: SparseGPT with sequential capture over 2048 sentences, then recovery
 ALL = ("sparse-50", "sparse-2:4", "sparse-50+recover", "sparse-2:4+recover", "lowrank-ffn+recover")
 
 
@@ -67,6 +65,7 @@ def derived_recipe(label: str, model: Path) -> str:
     for step in steps:
         if step["type"] == "sparsegpt" and label.startswith("sparse-2:4"):
             step.pop("sparsity", None)
+            step.pop("allocation", None)  # 2:4 fixes every layer's sparsity
             step["pattern"] = "2:4"
     if label == "lowrank-ffn+recover":
         steps = [{"type": "lowrank", "method": "activation", "ratio": 0.5, "include": ffn_weights(model)}]
@@ -163,7 +162,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
 
 
 def parse_args(argv=None):
-    parser = minilm.parser(__doc__.splitlines()[0], calibration=463)
+    parser = minilm.parser(__doc__.splitlines()[0], calibration=2048)
     parser.add_argument("--variants", nargs="+", choices=ALL, default=list(ALL))
     parser.set_defaults(quick=True)  # 100 timed runs: each variant already costs many minutes
     return minilm.parsed(parser, argv)
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
                 Path(recipe).write_text(derived_recipe(label, model))
             print(f"modelpress --recipe {label} ...", file=sys.stderr, flush=True)
             variant = minilm.run_modelpress(model, recipe, f"modelpress {label}", work / "calibration.npz",
-                                            work / "evaluation.npz")
+                                            work / "evaluation.npz", timeout_s=TIMEOUT_S)
             variant.label = label
             variants.append(variant)
         minilm.measure_variants(variants, evaluation, args)
