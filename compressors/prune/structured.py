@@ -7,9 +7,11 @@ removed: the producing weights lose rows (and biases, BatchNorm entries, per-cha
 the consuming Conv / Gemm / MatMul weights lose the matching input slices (``Flatten``ed features
 included), depthwise Convs lose the matching channels and their ``group``. Attention heads (q/k/v
 projections reshaped to [.., heads, head_dim]) are removed whole, with the Reshape targets updated
-(``head_ratio``). Fewer FLOPs and bytes; the model still passes the ONNX checker and runs in stock
-onnxruntime. Groups are found by ``structured_groups.py``; groups that cannot be pruned safely are
-listed in ``skipped`` with why; constants shared with untouched nodes are copied (``copied``).
+(``head_ratio``): constant targets, and targets torch computes at run time with dynamic axes
+(Shape -> Gather -> Unsqueeze -> Concat: the constant heads pieces change, -1 stays). Fewer FLOPs
+and bytes; the model still passes the ONNX checker and runs in stock onnxruntime. Groups are
+found by ``structured_groups.py``; groups that cannot be pruned safely are listed in ``skipped``
+with why; constants shared with untouched nodes are copied (``copied``).
 
 Importance of channel c in a group (higher = kept):
 - ``l1`` / ``l2``: the norm of c's producing weights (scaled by a following BatchNorm's
@@ -40,7 +42,12 @@ from modelpress.compressors.prune.structured_bias import (
     unique_name,
 )
 from modelpress.compressors.prune.structured_groups import ChannelGroup, find_groups
-from modelpress.compressors.prune.structured_walk import Consumer, Place, constant
+from modelpress.compressors.prune.structured_walk import (
+    Consumer,
+    Place,
+    attr_value,
+    constant,
+)
 from modelpress.compressors.selection import WeightFilterConfig, matches
 from pydantic import Field
 
@@ -235,21 +242,60 @@ def _apply(model: ir.Model, removals: dict, deltas: dict, groups: list[ChannelGr
 
 
 def _rewrite_reshape_dims(model: ir.Model, groups: list[ChannelGroup], removed: dict[int, int]) -> None:
-    """Reshape targets that split or merge the channel axis (heads) shrink by the removed units; each
-    rewritten node gets its own target constant (exporters share equal ones)."""
-    targets: dict[int, tuple[ir.Node, np.ndarray]] = {}
+    """Reshape targets that split, merge or keep the channel axis (heads) shrink by the removed units
+    (-1 entries stay); each rewritten node gets its own target constant (exporters share equal ones),
+    or its own Concat when the target is computed (torch with dynamic axes)."""
+    shrink: dict[int, tuple[ir.Node, dict[int, int]]] = {}  # Reshape -> {target position: positions removed}
     for group in groups:
         entries = {(id(node), pos): (node, pos, per_unit) for s in group.sources for node, pos, per_unit in s.reshape_dims}
         for node, pos, per_unit in entries.values():
-            _, target = targets.setdefault(id(node), (node, constant(node.inputs[1]).copy()))
+            _, by_pos = shrink.setdefault(id(node), (node, {}))
+            by_pos[pos] = by_pos.get(pos, 0) + removed[id(group)] * per_unit
+    for node, by_pos in shrink.values():
+        target = constant(node.inputs[1])
+        if target is None:
+            _rewrite_concat_target(model, node, by_pos)
+            continue
+        target = target.copy()
+        for pos, count in by_pos.items():
             if target[pos] != -1:
-                target[pos] -= removed[id(group)] * per_unit
-    for node, target in targets.values():
+                target[pos] -= count
         name = unique_name(model, f"{node.name or 'reshape'}_pruned_shape")
         model.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(target, name=name)))
         old = node.inputs[1]
         node.replace_input_with(1, model.graph.initializers[name])
         _drop_if_unused(model, old)
+
+
+def _rewrite_concat_target(model: ir.Model, node: ir.Node, by_pos: dict[int, int]) -> None:
+    """A target built by Concat: the constant pieces holding the channel entries get new values (the
+    walk made sure they are constants), the computed pieces (batch, sequence) stay."""
+    concat = node.inputs[1].producer()
+    inputs = list(concat.inputs)
+    starts = np.cumsum([0] + [1 if constant(v) is None else constant(v).size for v in inputs])
+    for pos, count in sorted(by_pos.items()):
+        j = int(np.searchsorted(starts, pos, side="right")) - 1
+        piece = constant(inputs[j]).copy()
+        if piece.reshape(-1)[pos - starts[j]] == -1:
+            continue
+        piece.reshape(-1)[pos - starts[j]] -= count
+        name = unique_name(model, f"{node.name or 'reshape'}_pruned_dim")
+        model.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(piece, name=name)))
+        inputs[j] = model.graph.initializers[name]
+    if all(new is old for new, old in zip(inputs, concat.inputs)):
+        return  # only -1 entries: nothing to rewrite
+    if len(concat.outputs[0].uses()) == 1 and not concat.outputs[0].is_graph_output():
+        for j, new in enumerate(inputs):
+            old = concat.inputs[j]
+            if new is not old:
+                concat.replace_input_with(j, new)
+                _drop_if_unused(model, old)
+        return
+    own = ir.node("Concat", inputs, {"axis": attr_value(concat, "axis", 0)},
+                  name=unique_name(model, f"{concat.name or 'concat'}_pruned"))
+    own.outputs[0].name = unique_name(model, f"{concat.outputs[0].name}_pruned")
+    model.graph.insert_before(node, own)
+    node.replace_input_with(1, own.outputs[0])
 
 
 def _slice_constants(model: ir.Model, removals: dict, deltas: dict) -> list[str]:

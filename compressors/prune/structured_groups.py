@@ -19,11 +19,14 @@ other operand's channels must come from a source at the same positions, and the 
 merged into one group (union-find), so they lose the same channels. Anything else — an unknown op, a
 graph output, a use inside an If/Loop body, a shape that is not static, a constant that is also a
 graph input — makes the group unprunable, with the reason. (A constant shared with other nodes is not
-a reason: the pruned uses get sliced copies.)
+a reason: the pruned uses get sliced copies.) When a Reshape target is computed at run time (torch's
+export with dynamic axes), the walk reads onnxruntime's symbolic shapes too, and a group whose
+target reads the size of an axis where any source's channels lie is left alone.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,30 +62,64 @@ class ChannelGroup:
 # --------------------------------------------------------------------------- shapes
 
 
-def static_shapes(model: ir.Model) -> dict[str, list]:
-    """Main-graph value name -> dims (int, or None when not static) from ONNX shape inference."""
+def _shape_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto for shape inference, which needs the weights' shapes, not their bytes:
+    large initializers become typed graph inputs, so a model of several GB is inferred from a small
+    proto (small ones stay: shape tensors)."""
     proto = ir.to_proto(model)
-    # Inference needs the weights' shapes, not their bytes: large initializers become typed graph
-    # inputs, so a model of several GB is inferred from a small proto (small ones stay: shape tensors).
     graph = proto.graph
     kept = [t for t in graph.initializer if int(np.prod(t.dims)) <= 64]
     graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                        for t in graph.initializer if int(np.prod(t.dims)) > 64)
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 — inference is a help, not a requirement: values stay unknown
-        inferred = proto
-    graph = inferred.graph
+    return proto
+
+
+def _dims(graph: onnx.GraphProto, symbolic: bool) -> dict[str, list]:
     shapes: dict[str, list] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor = info.type.tensor_type
         if tensor.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else
+                                 (d.dim_param or None if symbolic else None) for d in tensor.shape.dim]
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+def static_shapes(model: ir.Model) -> dict[str, list]:
+    """Main-graph value name -> dims (int, or None when not static) from ONNX shape inference."""
+    proto = _shape_proto(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 — inference is a help, not a requirement: values stay unknown
+        inferred = proto
+    return _dims(inferred.graph, symbolic=False)
+
+
+def symbolic_shapes(model: ir.Model) -> tuple[dict[str, list], str]:
+    """Main-graph value name -> dims (int, symbol name, or None) from onnxruntime's symbolic shape
+    inference, and why there are none when it is unavailable. ONNX's own inference names a new
+    unknown dim at every broadcast (the attention mask's batch against the scores'), so it cannot
+    tell that a torch-computed Reshape target keeps ``batch`` and ``seq``; onnxruntime's merges the
+    names of broadcast dims (they must be equal or 1 in a model that runs)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError as error:  # it needs sympy: torch (a dependency) brings it, onnxruntime does not
+        return {}, f"onnxruntime's symbolic shape inference is unavailable: {error}; pip install sympy"
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it warns about every merged dim
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_shape_proto(model), auto_merge=True)
+    except Exception as error:  # noqa: BLE001 — not every model is understood: its targets stay unprunable
+        return {}, f"onnxruntime's symbolic shape inference failed: {type(error).__name__}: {error}"
+    finally:
+        logger.setLevel(level)
+    if inferred is None:
+        return {}, "onnxruntime's symbolic shape inference gave up on this model"
+    return _dims(inferred.graph, symbolic=True), "not inferred"
 
 
 # --------------------------------------------------------------------------- sources
@@ -126,23 +163,32 @@ def _as_source(node: ir.Node) -> Source | None:
 def find_groups(model: ir.Model) -> tuple[list[ChannelGroup], list[dict[str, str]]]:
     """Every dependency group of the main graph (prunable or not) and sources skipped outright."""
     shapes = static_shapes(model)
+    symbols, missing = {}, "no Reshape target is computed"
+    if any(n.op_type == "Reshape" and constant(n.inputs[1]) is None for n in model.graph):
+        symbols, missing = symbolic_shapes(model)
+        for name, dims in symbols.items():  # sizes only it resolved (heads behind computed targets)
+            known = shapes.get(name)
+            if known is None or len(known) == len(dims):
+                shapes[name] = [k if k is not None else (d if isinstance(d, int) else None)
+                                for k, d in zip(known or [None] * len(dims), dims)]
     sources, skipped = find_sources(model, shapes)
     for i, source in enumerate(sources):
         if source.count < 2:
             source.reason = "fewer than 2 output channels"
             continue
         try:
-            Walker(model, shapes, source).run()
+            Walker(model, shapes, source, symbols, missing).run()
         except NeedUnit as exc:  # attention heads: walk again, a head at a time
             sources[i] = source = Source(source.node, source.weight, source.weight_axis,
                                          source.count // exc.unit, exc.unit)
             try:
-                Walker(model, shapes, source).run()
+                Walker(model, shapes, source, symbols, missing).run()
             except Unprunable as again:
                 source.reason = str(again)
         except Unprunable as exc:
             source.reason = str(exc)
         _note_batchnorm(source)
+    _check_fixed_sizes(sources)
 
     parent = list(range(len(sources)))
 
@@ -179,6 +225,18 @@ def find_groups(model: ir.Model) -> tuple[list[ChannelGroup], list[dict[str, str
             group.reason = _graph_input_weight(group)
         groups.append(group)
     return groups, skipped
+
+
+def _check_fixed_sizes(sources: list[Source]) -> None:
+    """A computed Reshape target reads sizes (batch, sequence, head_dim) that must stay as they are:
+    a source whose target reads an axis where some source's channels lie is left alone (whether that
+    one is pruned is not known yet: leaving both alone is the safe side)."""
+    channel_axes = {(name, place.axis) for source in sources for name, place in source.placements}
+    for source in sources:
+        for name, axis, reshape in source.fixed:
+            if source.reason is None and (name, axis) in channel_axes:
+                source.reason = (f"Reshape node {reshape!r}: its target reads the size of axis {axis} of {name!r}, "
+                                 "which carries prunable channels")
 
 
 def _graph_input_weight(group: ChannelGroup) -> str | None:

@@ -5,20 +5,32 @@ main graph's values.
 after:  the ``Source`` filled in: every constant slice that removing its channel ``c`` implies
 (``Edit``), the consumers that read the channels, the values whose shapes change, the depthwise
 Convs and flatten-like Reshapes to fix up, and the computed values tied to it (residual Adds), or
-``Unprunable`` with the reason. ``structured_groups.py`` merges tied sources into groups.
+``Unprunable`` with the reason. ``structured_groups.py`` merges tied sources into groups; Reshape
+and Shape steps live in ``structured_reshape.py``, the records in ``structured_place.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_ir as ir
+from modelpress.compressors.prune.structured_place import (  # noqa: F401  (re-exported for the pass)
+    Consumer,
+    Edit,
+    NeedUnit,
+    Place,
+    Source,
+    Unprunable,
+    attr_value,
+    axes_of,
+    constant,
+)
+from modelpress.compressors.prune.structured_reshape import reshape, shape_read
 
 UNARY = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
     "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
     "Identity", "Dropout", "Cast", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Clip", "Swish",
+    "IsNaN", "IsInf", "Not",  # torch's attention export guards Softmax with IsNaN -> Where
 }
 # Pools keep the channel axis (1) and only touch the spatial axes.
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
@@ -27,111 +39,18 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "Redu
           "ReduceSumSquare", "ReduceLogSumExp"}
 
 
-class Unprunable(Exception):
-    """Raised during the walk: the group this source belongs to must be left alone."""
-
-
-class NeedUnit(Unprunable):
-    """The channels are split into units (a Reshape [.., H*D] -> [.., H, D]: attention heads): the
-    source can only lose whole units of ``unit`` channels; walk it again that way."""
-
-    def __init__(self, unit: int, message: str):
-        super().__init__(message)
-        self.unit = unit
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where channel ``c`` lies on one axis: positions offset + c*block ... + block - 1."""
-
-    axis: int
-    offset: int
-    block: int
-    count: int
-
-    def positions(self, channels: np.ndarray) -> np.ndarray:
-        starts = self.offset + np.asarray(channels, dtype=np.int64) * self.block
-        return (starts[:, None] + np.arange(self.block)[None, :]).reshape(-1)
-
-
-@dataclass(frozen=True)
-class Edit:
-    """A constant input of ``node`` that loses the positions of the removed channels along ``place.axis``."""
-
-    value: ir.Value
-    place: Place
-    node: ir.Node
-    index: int  # which input of ``node`` it is: a shared tensor gets a sliced copy for this use
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """A Conv/Gemm/MatMul reading the channels: its input value and its weight's input-axis edit."""
-
-    value: ir.Value
-    place: Place  # where the channels lie on the consumer's input value
-    weight: Edit  # the weight slice each channel multiplies
-
-
-@dataclass
-class Source:
-    node: ir.Node
-    weight: ir.Value
-    weight_axis: int  # the weight's output-channel axis
-    count: int  # prunable units (output channels, or attention heads when unit > 1)
-    unit: int = 1  # consecutive output channels per unit
-    edits: list[Edit] = field(default_factory=list)
-    consumers: list[Consumer] = field(default_factory=list)
-    touched: list[ir.Value] = field(default_factory=list)  # values whose shape changes
-    placements: list[tuple[str, Place]] = field(default_factory=list)  # where its channels were seen
-    depthwise: list[ir.Node] = field(default_factory=list)  # their ``group`` attribute changes
-    reshapes: list[ir.Node] = field(default_factory=list)  # flatten-like Reshapes: target becomes [0, -1]
-    # (Reshape node, target position, positions per unit): that target entry loses removed * per_unit
-    reshape_dims: list[tuple[ir.Node, int, int]] = field(default_factory=list)
-    ties: list[tuple[ir.Value, Place, str]] = field(default_factory=list)  # (other value, place, node)
-    bn_scale: np.ndarray | None = None  # |gamma| / sqrt(var + eps) of a BatchNorm right after it
-    reason: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.weight.name or self.node.name or self.node.op_type
-
-
-def constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array of an initializer or a Constant node's output (also behind Identity nodes, which the
-    torch exporter inserts to share equal initializers), else None."""
-    while value is not None:
-        tensor = ir.convenience.get_const_tensor(value)
-        if tensor is not None:
-            return tensor.numpy()
-        producer = value.producer()
-        if producer is None or producer.op_type != "Identity" or producer.domain not in ("", "ai.onnx"):
-            return None
-        value = producer.inputs[0]
-    return None
-
-
-def attr_value(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _axes(node: ir.Node):
-    """The ``axes`` of Squeeze/Unsqueeze/Reduce*: an attribute before opset 13/18, an input after."""
-    axes = attr_value(node, "axes")
-    if axes is None and len(node.inputs) > 1:
-        axes = constant(node.inputs[1])
-    return axes
-
-
 # --------------------------------------------------------------------------- the walk
 
 
 class Walker:
     """Follows one source's channels forward and records what must change."""
 
-    def __init__(self, model: ir.Model, shapes: dict[str, list], source: Source):
+    def __init__(self, model: ir.Model, shapes: dict[str, list], source: Source,
+                 symbols: dict[str, list] | None = None, symbols_missing: str = "not computed"):
+        """``shapes``: static dims (int or None); ``symbols``: dims with symbolic names (int, str or
+        None) for computed Reshape targets, or why there are none (``symbols_missing``)."""
         self.model, self.shapes, self.source = model, shapes, source
+        self.symbols, self.symbols_missing = symbols or {}, symbols_missing
         self.seen: set[tuple[str, Place]] = set()
 
     def run(self) -> None:
@@ -166,6 +85,12 @@ class Walker:
         if dims is None or dims[axis] is None:
             raise Unprunable(f"axis {axis} of {value.name!r} has no static size")
         return dims[axis]
+
+    def symbolic(self, value: ir.Value) -> list:
+        dims = self.symbols.get(value.name)
+        if dims is None:
+            raise Unprunable(f"the symbolic shape of {value.name!r} is unknown ({self.symbols_missing})")
+        return dims
 
     def edit(self, value: ir.Value, place: Place, node: ir.Node) -> None:
         if constant(value) is None:
@@ -221,13 +146,13 @@ class Walker:
             if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
                 raise Unprunable(f"{op} node {name!r}: its indices output is used")
             return self.follow(node.outputs[0], place)
-        if op in BINARY and index in (0, 1):
+        if (op in BINARY and index in (0, 1)) or op == "Where":  # Where: condition, X, Y all broadcast
             out = node.outputs[0]
             out_rank = self.rank(out)
             moved = Place(place.axis + out_rank - rank, place.offset, place.block, place.count)
-            other = node.inputs[1 - index]
-            if other is not value:
-                self.slice_operand(other, out_rank, moved, node)
+            for other in node.inputs:
+                if other is not value:
+                    self.slice_operand(other, out_rank, moved, node)
             return self.follow(out, moved)
         if op in ("BatchNormalization", "InstanceNormalization") and index == 0 and place.axis == 1:
             if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
@@ -269,7 +194,9 @@ class Walker:
             axis = axis + rank if axis < 0 else axis
             return self.flatten(node, value, place, axis)
         if op == "Reshape" and index == 0:
-            return self.reshape(node, value, place)
+            return reshape(self, node, value, place)
+        if op == "Shape":
+            return shape_read(self, node, value, place)
         if op in ("Squeeze", "Unsqueeze") and index == 0:
             return self.squeeze(node, place, rank)
         if op in REDUCE and index == 0:
@@ -322,43 +249,8 @@ class Walker:
             return self.follow(node.outputs[0], Place(place.axis + shift, place.offset, place.block, place.count))
         raise Unprunable(f"MatMul node {node.name!r} contracts over the channels")
 
-    def reshape(self, node: ir.Node, value: ir.Value, place: Place) -> None:
-        """A flatten [N, C, ...] -> [N, C*...] (target rewritten to [0, -1]), or a split of the channel
-        axis [.., H*D, ..] -> [.., H, D, ..] / a merge back (attention heads; target entries rewritten)."""
-        target = constant(node.inputs[1])
-        in_dims = self.shapes.get(value.name)
-        if target is not None and target.ndim == 1 and len(target) == 2 and place.axis == 1 and in_dims:
-            leading = int(target[0])
-            same_batch = leading == 0 or (in_dims[0] is not None and leading == in_dims[0])
-            if same_batch or (leading == -1 and int(target[1]) != -1):
-                self.source.reshapes.append(node)
-                return self.flatten(node, value, place, 1)
-        out_dims = self.shapes.get(node.outputs[0].name)
-        a = place.axis
-        if target is None or in_dims is None or out_dims is None or len(target) != len(out_dims):
-            raise Unprunable(f"Reshape node {node.name!r}: its target or shapes are not static")
-        if int(target[a]) == 0:
-            raise Unprunable(f"Reshape node {node.name!r} copies the channel axis with 0")
-        if len(out_dims) == len(in_dims) + 1 and out_dims[:a] == in_dims[:a] and out_dims[a + 2:] == in_dims[a + 1:] \
-                and None not in (out_dims[a], out_dims[a + 1], in_dims[a]) and out_dims[a] * out_dims[a + 1] == in_dims[a]:
-            inner = out_dims[a + 1]
-            if place.block % inner == 0 and place.offset % inner == 0:
-                moved = Place(a, place.offset // inner, place.block // inner, place.count)
-                self.source.reshape_dims.append((node, a, moved.block))
-                return self.follow(node.outputs[0], moved)
-            if place.block == 1 and place.offset == 0 and place.count == in_dims[a] and self.source.unit == 1:
-                raise NeedUnit(inner, f"Reshape node {node.name!r} splits the channels into units of {inner}")
-            raise Unprunable(f"Reshape node {node.name!r} splits the channels across its new axes")
-        if len(out_dims) == len(in_dims) - 1 and out_dims[:a] == in_dims[:a] and out_dims[a + 1:] == in_dims[a + 2:] \
-                and None not in (in_dims[a], in_dims[a + 1], out_dims[a]) and out_dims[a] == in_dims[a] * in_dims[a + 1]:
-            inner = in_dims[a + 1]
-            moved = Place(a, place.offset * inner, place.block * inner, place.count)
-            self.source.reshape_dims.append((node, a, moved.block))
-            return self.follow(node.outputs[0], moved)
-        raise Unprunable(f"Reshape node {node.name!r} neither flattens, splits nor merges the channel axis")
-
     def squeeze(self, node: ir.Node, place: Place, rank: int) -> None:
-        axes = _axes(node)
+        axes = axes_of(node)
         if axes is None:
             raise Unprunable(f"{node.op_type} node {node.name!r}: its axes are not constant")
         out_rank = self.rank(node.outputs[0])
@@ -375,7 +267,7 @@ class Walker:
         self.follow(node.outputs[0], Place(axis, place.offset, place.block, place.count))
 
     def reduce(self, node: ir.Node, place: Place, rank: int) -> None:
-        axes = _axes(node)
+        axes = axes_of(node)
         if axes is None:
             raise Unprunable(f"{node.op_type} node {node.name!r} reduces over every axis")
         axes = [int(a) + rank if a < 0 else int(a) for a in axes]
