@@ -164,6 +164,9 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     compressed = _side(after, output_size)
     compressed.shipped_size_bytes = len(packed_bytes) if packed_bytes is not None else output_size
     notes = list(quirks)
+    if request.data is not None and recipe.needs_calibration and calibration_samples < calibration.samples:
+        notes.append(f"the passes calibrated on {calibration_samples} of the {calibration.samples} samples of the "
+                     f"data (the recipe's calibration.samples is {recipe.calibration.samples}; raise it to use more)")
     if evaluation.labels is None:
         notes.append("no labels in the data: accuracy is reported as fidelity to the original model")
     if request.data is None:

@@ -164,6 +164,8 @@ def test_recipe_calibration_samples_bound_what_the_passes_see(tmp_path, zoo_mode
     stats = json.loads(report.read_text())["passes"][0]["stats"]
     # The passes get whole feeds (chunks of the data's batch size), at least `samples` rows in all.
     assert samples <= stats["calibration_rows"] < samples + 128
+    notes = json.loads(report.read_text())["notes"]
+    assert any(f"calibrated on {stats['calibration_rows']} of the" in n and "calibration.samples" in n for n in notes)
 
 
 def test_recipe_calibration_block_rejects_unknown_keys(tmp_path, tiny_model_path, tiny_data_path):
