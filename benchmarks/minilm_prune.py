@@ -145,8 +145,8 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
          f"{env['load_avg_1m']:.2f} (shared: read the paired ratios more than the absolute times)."),
         f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, Python {env['python']}.",
         (f"- Data: as `benchmarks/minilm.py`: {counts[0]} docstring sentences calibrate (padded to the longest), "
-         f"{counts[1]} others evaluate (padded to {minilm.SEQ}). Unstructured zeros do not shrink the runnable "
-         "file or speed it up; they pay in the entropy-coded `.mpk` (`encode: entropy`)."),
+         f"{counts[1]} others evaluate (padded to {minilm.SEQ}). Unstructured zeros shrink the runnable file "
+         "through `sparse_storage` (a bitmap + the nonzero values, rebuilt by ORT at load), not the run time."),
         (f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} "
          "runs, variants alternated run by run."),
         "",
