@@ -150,7 +150,7 @@ class RecoveryTrainer:
         else:
             loss = relative_mse(out, teacher)
         if self.features and config.feature_weight > 0:
-            matched = [relative_mse(*_real(outputs[n], batch.features[i], batch.mask)) for i, n in self.features]
+            matched = [relative_mse(*_real(outputs[n], batch.features[i].float(), batch.mask)) for i, n in self.features]
             loss = loss + config.feature_weight * torch.stack(matched).mean()
         return loss
 

@@ -44,3 +44,20 @@ def test_feature_ops_skip_values_whose_shape_pruning_changed(tmp_path):
     with pytest.raises(ValueError, match="feature 'r' has shape"):
         Recover(RecoverConfig(epochs=1, loss="mse", features=("r",)), context).call(model)
 
+
+
+def test_large_teacher_features_are_kept_as_float16_and_still_recover(tmp_path, monkeypatch):
+    """Past HALF_FEATURES_BYTES the teacher's features are stored as float16 targets (memory: thousands
+    of sentences x every hidden state); training reads them as float32 and still lowers the error."""
+    from modelpress.compressors.prune import recover_data
+
+    model, context = setup(tmp_path, lambda c: MagnitudePrune(MagnitudeConfig(sparsity=0.8, min_elements=100), c))
+    teacher = recover_data.run_onnx(context.original, context.calibration, ["h", "r"], threads=1)
+    assert all(f.dtype == np.float32 for fs in teacher.features for f in fs)
+    monkeypatch.setattr(recover_data, "HALF_FEATURES_BYTES", 1000)
+    halved = recover_data.run_onnx(context.original, context.calibration, ["h", "r"], threads=1)
+    assert all(f.dtype == np.float16 for fs in halved.features for f in fs)
+    assert halved.outputs[0].dtype == np.float32  # the distilled output stays exact
+    result = Recover(RecoverConfig(epochs=4, loss="mse", feature_ops=("Relu", "MatMul")), context).call(model)
+    assert result.stats["features_matched"] == 2
+    assert result.stats["relative_error_after"] < 0.7 * result.stats["relative_error_before"]
