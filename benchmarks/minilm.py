@@ -192,13 +192,13 @@ def tokenize(sentences: list[str]) -> dict[str, np.ndarray]:
 
 
 def run_modelpress(model: Path, recipe: str, label: str, calib: Path, evaluation: Path,
-                   timeout_s: float = 1800) -> Variant:
+                   timeout_s: float = 1800, extra_args: tuple[str, ...] = ()) -> Variant:
     out = model.with_name(f"{model.stem}.{label.split()[-1]}.onnx")
     report = out.with_suffix(".json")
     variant = Variant(label, out)
     command = [sys.executable, "-m", "modelpress", "compress", str(model), "--recipe", recipe, "--data", str(calib),
                "--eval-data", str(evaluation), "--output", str(out), "--report-json", str(report), "--force",
-               "--quiet", "--runs", "10", "--warmup", "2"]  # the CLI's own timing is not reported here
+               "--quiet", "--runs", "10", "--warmup", "2", *extra_args]  # the CLI's own timing is not reported here
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     variant.figures["compress_s"] = time.perf_counter() - start
