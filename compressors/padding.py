@@ -35,7 +35,7 @@ def compact_feeds(model_bytes: bytes, feeds: Sequence[Feed], mask_name: str | No
     pooled = {n: np.concatenate([f[n] for f in feeds]) for n in names}
     mask = pooled[mask_name] != 0
     seq = mask.shape[1]
-    lengths = _real_lengths(mask)
+    lengths = real_lengths(mask)
     order = np.argsort(lengths, kind="stable")
     batch = max(len(f[mask_name]) for f in feeds)
     shortest = order[: min(batch, 8)]
@@ -48,18 +48,20 @@ def compact_feeds(model_bytes: bytes, feeds: Sequence[Feed], mask_name: str | No
     for start in range(0, len(order), batch):
         rows = order[start : start + batch]
         length = int(lengths[rows].max())
-        compacted.append({n: _cut(pooled[n][rows], seq, length) for n in names})
+        compacted.append({n: np.ascontiguousarray(cut_positions(pooled[n][rows], seq, length)) for n in names})
     return compacted, None
 
 
-def _real_lengths(mask: np.ndarray) -> np.ndarray:
+def real_lengths(mask: np.ndarray) -> np.ndarray:
     """Per sample, the positions up to its last real one (at least 1)."""
     last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
     return np.where(mask.any(axis=1), last, 1)
 
 
-def _cut(array: np.ndarray, seq: int, length: int) -> np.ndarray:
-    return np.ascontiguousarray(array[:, :length]) if array.ndim >= 2 and array.shape[1] == seq else array
+def cut_positions(array, seq: int, length: int):
+    """The first ``length`` positions of the sequence axis (axis 1) of an array (or torch tensor) that
+    has one of ``seq`` positions; anything else as it is."""
+    return array[:, :length] if array.ndim >= 2 and array.shape[1] == seq else array
 
 
 def _poolable(feeds: Sequence[Feed], mask_name: str) -> bool:
@@ -79,7 +81,7 @@ def _cut_is_exact(model_bytes: bytes, feed: Feed, mask_name: str, threads: int) 
     import onnxruntime as ort
 
     mask = feed[mask_name] != 0
-    seq, length = mask.shape[1], int(_real_lengths(mask).max())
+    seq, length = mask.shape[1], int(real_lengths(mask).max())
     if length == seq:
         return True
     options = ort.SessionOptions()
@@ -89,7 +91,7 @@ def _cut_is_exact(model_bytes: bytes, feed: Feed, mask_name: str, threads: int) 
     try:
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         whole = session.run(None, feed)
-        cut = session.run(None, {n: _cut(a, seq, length) for n, a in feed.items()})
+        cut = session.run(None, {n: cut_positions(a, seq, length) for n, a in feed.items()})
     except Exception:  # noqa: BLE001 — e.g. a fixed sequence length: keep the feeds as they are
         return False
     for full, part in zip(whole, cut):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
+from modelpress.compressors.padding import cut_positions, real_lengths
 
 Feed = dict[str, np.ndarray]
 # Samples are grouped by length within windows of this many batches: longer windows waste less on
@@ -190,26 +191,15 @@ class TrainingData:
         if self.mask_input:
             real = feed[self.mask_input] != 0
             if self.trim:
-                seq, length = real.shape[1], _real_length(real)
-                feed = {n: _cut(a, seq, length) for n, a in feed.items()}
-                teacher, features = _cut(teacher, seq, length), [_cut(f, seq, length) for f in features]
+                seq, length = real.shape[1], int(real_lengths(real).max())
+                feed = {n: cut_positions(a, seq, length) for n, a in feed.items()}
+                teacher, features = cut_positions(teacher, seq, length), [cut_positions(f, seq, length) for f in features]
                 real = real[:, :length]
             mask = torch.from_numpy(np.ascontiguousarray(real))
         return Batch(
             {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feed.items()},
             teacher, features, None if whole.labels is None else whole.labels[index], mask,
         )
-
-
-def _real_length(real: np.ndarray) -> int:
-    """Positions up to the last real one in any row (at least 1)."""
-    used = np.flatnonzero(real.any(axis=0))
-    return int(used[-1]) + 1 if used.size else 1
-
-
-def _cut(array, seq: int, length: int):
-    """The first ``length`` positions of the sequence axis (axis 1) of an array that has one."""
-    return array[:, :length] if array.ndim >= 2 and array.shape[1] == seq else array
 
 
 def _sequence_mask(feeds: Sequence[Feed], teacher: TeacherOutputs, name: str | None, pooled: bool,
@@ -230,11 +220,11 @@ def _sequence_mask(feeds: Sequence[Feed], teacher: TeacherOutputs, name: str | N
     first, out = feeds[0], teacher.outputs[0]
     real = first[name] != 0
     rows = np.argsort(real.sum(axis=1), kind="stable")[:8]
-    seq, length = real.shape[1], _real_length(real[rows])
+    seq, length = real.shape[1], int(real_lengths(real[rows]).max())
     if length == seq:
         return name, False
     try:
-        probe = teacher.run_first({n: _cut(a[rows], seq, length) for n, a in first.items()})
+        probe = teacher.run_first({n: cut_positions(a[rows], seq, length) for n, a in first.items()})
     except Exception:
         probe = None
     expected, kept = out[rows][:, :length], real[rows][:, :length]
