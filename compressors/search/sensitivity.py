@@ -38,6 +38,7 @@ import onnx_ir as ir
 from modelpress.compressors import benchmark
 from modelpress.compressors.data import Dataset, Feed
 from modelpress.compressors.fidelity import padding_mask
+from modelpress.compressors.padding import real_lengths
 from modelpress.compressors.model import to_bytes
 from modelpress.compressors.pipeline import (
     EncodePass,
@@ -245,8 +246,7 @@ def trim_padding(feed: Feed) -> Feed:
         mask = np.asarray(feed[name])
         if "mask" not in name.lower() or mask.ndim != 2 or mask.dtype.kind not in "biu" or not np.isin(mask, (0, 1)).all():
             continue
-        real = np.flatnonzero(mask.any(axis=0))
-        length = int(real[-1]) + 1 if real.size else 1
+        length = int(real_lengths(mask != 0).max()) if mask.size else 1
         if length == mask.shape[1]:
             return feed
         return {k: (v[:, :length] if np.ndim(v) >= 2 and np.shape(v)[:2] == mask.shape else v) for k, v in feed.items()}
