@@ -186,16 +186,18 @@ def bench(
     """
     from modelpress.compressors import benchmark
     from modelpress.compressors import data as data_io, synthetic
+    from modelpress.compressors.environment import environment
     from modelpress.compressors.model import load_model, write_atomic
+    from modelpress.compressors.model_inputs import model_inputs
     from modelpress.compressors.recipe import BenchmarkSettings
 
     load_model(model)  # clear errors for corrupt files before ORT sees them
-    inputs = data_io.model_inputs(model)
+    inputs = model_inputs(model)
     dataset = data_io.load_data(data, inputs) if data else synthetic.synthesize(inputs, synthetic.parse_shape_flags(shape or []))
     settings = BenchmarkSettings(threads=threads, runs=runs, warmup=warmup)
     with render.progress(quiet) as progress:
         measurement = benchmark.measure(model, dataset, settings, progress)
-    result = render.bench_result(model, dataset, measurement, benchmark.environment(threads))
+    result = render.bench_result(model, dataset, measurement, environment(threads))
     if json_out is not None:
         from modelpress.compressors.report import dumps
 

@@ -19,7 +19,10 @@ is set). Work that cannot help is not spent:
 * a rung with ``max_seconds`` ends once it has run that long (checked whenever a pass reports
   progress, and between passes), for pipelines hopeless on large models, e.g. per-layer pruning
   sensitivity measured by one inference over the data per weight and level.
-The last rung always runs to the end, so something is always written: if no rung meets the gates,
+Without --data, rungs with a pass that calibrates on real inputs are skipped (``rungs_needing_data``;
+status ``skipped``, with those passes as the reason) and the others run on the synthesized inputs;
+the job refuses the recipe (exit 2) only when every rung would be skipped.
+The last rung run always runs to the end, so something is always written: if no rung meets the gates,
 the finished rung closest to them (the search's measure: summed shortfall) is kept, and the job
 exits 1 as for any missed gate. Decisions are a function of the measured numbers, so the same
 inputs and seed give the same bytes — unless a time budget binds, which depends on the machine.
@@ -70,18 +73,28 @@ class _Finished:
 
 
 def run_ladder(model: ir.Model, recipe, context, evaluation, original: Path, original_size: int,
-               progress: Progress) -> LadderOutcome:
-    """Try ``recipe.alternatives`` in order on ``model`` (the first rung) and on fresh copies of the
-    ``original`` file (the others); keep the first that meets ``recipe.gates``, else the closest finished."""
+               progress: Progress, skip: dict[int, list[str]] | None = None) -> LadderOutcome:
+    """Try ``recipe.alternatives`` in order on ``model`` (the first rung run) and on fresh copies of the
+    ``original`` file (the others); keep the first that meets ``recipe.gates``, else the closest finished.
+    ``skip``: rung index -> the passes that calibrate on real inputs, for rungs not run without --data
+    (``rungs_needing_data``); at least one rung must be left to run."""
     rungs = recipe.alternatives
+    skip = skip or {}
+    runnable = [index for index in range(len(rungs)) if index not in skip]
+    if not runnable:
+        raise ValueError("every alternative is skipped: the job refuses such a recipe without --data")
     started = time.monotonic()
     judge = _Judge(recipe, evaluation, original, original_size)
     entries = [_entry(rung) for rung in rungs]
     chosen = closest = None
     failure: PassFailure | None = None
     for index in range(len(rungs)):
-        working = model if index == 0 else _fresh(original)
-        result = _attempt(recipe, index, working, context, judge, entries[index], progress)
+        if index in skip:
+            verb = "calibrates" if len(skip[index]) == 1 else "calibrate"
+            entries[index].update(status="skipped", reason=f"no --data: {', '.join(skip[index])} {verb} on real inputs")
+            continue
+        working = model if index == runnable[0] else _fresh(original)
+        result = _attempt(recipe, index, working, context, judge, entries[index], progress, index == runnable[-1])
         if isinstance(result, PassFailure):
             failure = result
         elif result is not None and result.passed:
@@ -90,7 +103,7 @@ def run_ladder(model: ir.Model, recipe, context, evaluation, original: Path, ori
         elif result is not None and (closest is None or result.miss < closest.miss):  # ties: the earlier rung
             closest = result  # only the closest finished model stays in memory
     kept = chosen or closest
-    if kept is None:  # every rung failed (the last runs to the end, so it failed too)
+    if kept is None:  # every rung run failed (the last runs to the end, so it failed too)
         raise failure
     if chosen is None:
         entries[kept.index]["status"] = "closest"
@@ -99,12 +112,26 @@ def run_ladder(model: ir.Model, recipe, context, evaluation, original: Path, ori
     return LadderOutcome(kept.model, kept.records, summary, [_note(rungs, entries, kept.index, chosen is not None)])
 
 
+def rungs_needing_data(recipe) -> dict[int, list[str]]:
+    """Rung index -> its passes (and the recipe's shared ones) that calibrate on real inputs, for the
+    rungs that cannot run without --data; the rungs left out run on synthesized inputs."""
+    from modelpress.compressors.registry import PASSES
+
+    def calibrating(specs) -> list[str]:
+        return [f"{s.stage}/{s.name}" for s in specs if PASSES[s.stage][s.name].calibrates(s.config)]
+
+    shared = calibrating(recipe.passes)
+    needing = {index: calibrating(rung.passes) + shared for index, rung in enumerate(recipe.alternatives)}
+    return {index: names for index, names in needing.items() if names}
+
+
 def _attempt(recipe, index: int, model: ir.Model, context, judge: _Judge, entry: dict[str, Any],
-             progress: Progress) -> _Finished | PassFailure | None:
+             progress: Progress, last: bool) -> _Finished | PassFailure | None:
     """Run rung ``index`` on ``model`` and fill its report ``entry``: the finished, measured rung, or
-    None when it was abandoned, or the PassFailure that ended it."""
+    None when it was abandoned, or the PassFailure that ended it. ``last``: no rung runs after this
+    one, so it runs to the end (no early check, no time budget)."""
     rungs = recipe.alternatives
-    rung, last = rungs[index], index == len(rungs) - 1
+    rung = rungs[index]
     label = f"alternative {index + 1}/{len(rungs)} {rung.name}"
     progress(label, 0, 1)
     started = time.monotonic()
@@ -224,8 +251,11 @@ def _misses(gates: list[GateResult]) -> str:
 
 def _note(rungs, entries, kept: int, passed: bool) -> str:
     before = [f"{rungs[i].name} ({entries[i]['status']})" for i in range(len(rungs)) if i != kept
-              and entries[i]["status"] != "not tried"]
+              and entries[i]["status"] not in ("not tried", "skipped")]
     tried = f"; also tried: {', '.join(before)}" if before else ""
+    skipped = [rungs[i].name for i in range(len(rungs)) if entries[i]["status"] == "skipped"]
+    if skipped:
+        tried += f"; skipped without --data (they calibrate on real inputs): {', '.join(skipped)}"
     if passed:
         return (f"alternatives: {rungs[kept].name!r} (alternative {kept + 1} of {len(rungs)}) is the first "
                 f"that met the gates{tried}")

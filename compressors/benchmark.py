@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -24,16 +22,10 @@ import onnxruntime as ort
 from modelpress.compressors.data import Dataset, Feed
 from modelpress.compressors.errors import InputError, ModelpressError
 from modelpress.compressors.fidelity import OutputFidelity, predictions
+from modelpress.compressors.peak_memory import PeakMemory
 
 ModelSource = bytes | str | os.PathLike
 Progress = Callable[[str, int, int], None]
-
-# CPU features that decide which kernels ONNX Runtime can use (int8 dot products above all).
-RELEVANT_ISA = (
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",  # x86
-    "asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2",  # Arm
-)
 
 
 class BenchSettingsLike(Protocol):
@@ -132,54 +124,7 @@ def run_outputs(session: ort.InferenceSession, dataset: Dataset, output: int | s
     return [_run(session, feed, index, f"{dataset.source} feed {i}") for i, feed in enumerate(dataset.feeds)]
 
 
-# --------------------------------------------------------------------------- peak memory
-#
-# Method: the process's resident set (VmRSS) before the session is created, then the peak resident
-# set (VmHWM) after creating it and running the first feed; the peak is reset first by writing "5" to
-# /proc/self/clear_refs (Linux >= 4.0). Limits: it is process-wide (anything else the process
-# allocates meanwhile counts); memory freed earlier and reused by the allocator does not show as
-# growth; pages of a memory-mapped model count only once touched. When the reset is not allowed and
-# no new peak was set, it falls back to the growth of VmRSS, a lower bound. None off Linux.
-
-
-def _status_kb() -> dict[str, int] | None:
-    try:
-        with open("/proc/self/status") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    values = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values if len(values) == 2 else None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class _PeakMemory:
-    def __enter__(self) -> _PeakMemory:
-        self.before = _status_kb()
-        self.reset = self.before is not None and _reset_peak()
-        self.mb: float | None = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        after = _status_kb()
-        if self.before is None or after is None:
-            return
-        grown = after["VmRSS"] - self.before["VmRSS"]
-        if self.reset or after["VmHWM"] > self.before["VmHWM"]:
-            grown = max(grown, after["VmHWM"] - self.before["VmRSS"])
-        self.mb = max(0, grown) / 1024
+# --------------------------------------------------------------------------- measured sessions (peak_memory.py)
 
 
 _runtime_ready = False
@@ -207,7 +152,7 @@ def _initialize_runtime() -> None:
 def _open_and_run(model: ModelSource, dataset: Dataset, threads: int, output: int | str):
     """A session and the memory it took to create it and run the first feed."""
     _initialize_runtime()
-    with _PeakMemory() as memory:
+    with PeakMemory() as memory:
         session = make_session(model, threads)
         _run(session, dataset.feeds[0], _output_index(session, output), f"{dataset.source} feed 0")
     return session, memory.mb
@@ -402,49 +347,3 @@ def preflight(original: ModelSource, dataset: Dataset, threads: int = 1, output:
         first = _run(session, dataset.feeds[0], index, where)
     if dataset.labels is not None:
         _Accuracy(dataset).add(0, first, session.get_outputs()[index].name)
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def environment(threads: int) -> dict[str, Any]:
-    """What the numbers depend on: runtime versions, CPU model and features, threads."""
-    import onnx
-
-    cpu, flags = _cpuinfo()
-    return {
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "machine": platform.machine(),
-        "logical_cpus": os.cpu_count(),
-        "isa": [flag for flag in RELEVANT_ISA if flag in flags],
-        "threads": threads,
-        "platform": sys.platform,
-    }
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if not name and key in ("model name", "Hardware", "Model", "cpu model"):
-                    name = value
-                elif not flags and key in ("flags", "Features"):
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine() or "unknown", flags
-
-
-def int8_pairs_saturate() -> bool:
-    """Does this CPU run ORT's u8 x s8 int8 kernels with AVX2's VPMADDUBSW, whose int16 sums of
-    product pairs saturate for large weights? True on x86 with AVX2 and no VNNI (avx512_vnni,
-    avx_vnni) or AMX int8 dot products; ORT's documentation advises reduced-range weights there."""
-    _, flags = _cpuinfo()
-    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelpress.compressors import benchmark, data as data_io, synthetic
+from modelpress.compressors.environment import environment
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import (
     check_output_path,
@@ -23,6 +24,7 @@ from modelpress.compressors.model import (
     to_bytes,
     write_atomic,
 )
+from modelpress.compressors.model_inputs import model_inputs
 from modelpress.compressors.pipeline import PassContext, run_encode, run_passes
 from modelpress.compressors.recipe import BenchmarkSettings, Gates, Recipe, load_recipe
 from modelpress.compressors.report import Report, Side, evaluate_gates
@@ -71,7 +73,7 @@ def packed_path(output: Path) -> Path:
 
 def load_datasets(model_path: Path, request: CompressRequest, seed: int):
     """(calibration, evaluation) datasets; evaluation is the calibration data unless --eval-data."""
-    inputs = data_io.model_inputs(model_path)
+    inputs = model_inputs(model_path)
     if request.data is not None:
         calibration = data_io.load_data(request.data, inputs)
     else:
@@ -85,14 +87,20 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     check_output_path(request.model, request.output, request.force)
     recipe = with_overrides(load_recipe(request.recipe), request.gate_overrides, request.bench_overrides)
     seed = recipe.seed if request.seed is None else request.seed
+    skip: dict[int, list[str]] = {}  # alternatives that cannot run without --data: index -> why
     if request.data is None and recipe.needs_calibration:
         from modelpress.compressors.registry import PASSES
 
-        needing = [f"{p.stage}/{p.name}" for p in recipe.every_pass if PASSES[p.stage][p.name].calibrates(p.config)]
-        raise InputError(
-            f"{recipe.source}: {', '.join(needing)} calibrate on real inputs; pass --data with samples of them "
-            "(random inputs would calibrate to the wrong ranges)"
-        )
+        if recipe.alternatives:  # a ladder runs the rungs that need no real inputs
+            from modelpress.compressors.alternatives import rungs_needing_data
+
+            skip = rungs_needing_data(recipe)
+        if len(skip) == len(recipe.alternatives):
+            needing = [f"{p.stage}/{p.name}" for p in recipe.every_pass if PASSES[p.stage][p.name].calibrates(p.config)]
+            raise InputError(
+                f"{recipe.source}: {', '.join(needing)} calibrate on real inputs; pass --data with samples of them "
+                "(random inputs would calibrate to the wrong ranges)"
+            )
     model = load_model(request.model)
     quirks = normalize(model)
     calibration, evaluation = load_datasets(request.model, request, seed)
@@ -133,7 +141,8 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     if recipe.alternatives:  # whole pipelines tried in order: the first that meets the gates is kept
         from modelpress.compressors.alternatives import run_ladder
 
-        ladder = run_ladder(model, recipe, context, evaluation, request.model, model_size(request.model), progress)
+        ladder = run_ladder(model, recipe, context, evaluation, request.model, model_size(request.model), progress,
+                            skip)
         model, records, job_notes = ladder.model, ladder.records, job_notes + ladder.notes
     else:
         model, records = run_passes(model, passes, on_start=lambda p: progress(f"{p.stage}: {p.name}", 0, 1))
@@ -185,7 +194,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
             for r in records
         ],
         gates=evaluate_gates(recipe.gates, original, compressed),
-        environment=benchmark.environment(settings.threads),
+        environment=environment(settings.threads),
         data={
             "calibration": calibration.source,
             "evaluation": evaluation.source,

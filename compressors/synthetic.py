@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from modelpress.compressors.data import Dataset, InputSpec, did_you_mean, format_shape
+from modelpress.compressors.data import Dataset, did_you_mean
+from modelpress.compressors.model_inputs import InputSpec, format_shape
 from modelpress.compressors.errors import InputError
 
 # Synthesized integer inputs (token ids, indices) take values in [0, SYNTHETIC_INT_HIGH): small

@@ -57,10 +57,11 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field, field_validator
 
-from modelpress.compressors import data, synthetic
+from modelpress.compressors import synthetic
 from modelpress.compressors.calibration import Gram, capture, linear_layers, plan_rounds
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import ensure_opset, opset_version
+from modelpress.compressors.model_inputs import model_inputs
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.quantize.graph_edits import (
     Names, const, float_attr, initializer, initializer_bytes, int_attr, replace_output)
@@ -194,7 +195,7 @@ class Int4Quantize(Pass):
         proto = ir.to_proto(model)
         if not feeds:
             try:
-                feeds = synthetic.synthesize(data.model_inputs(proto), samples=1, seed=self.context.seed).feeds
+                feeds = synthetic.synthesize(model_inputs(proto), samples=1, seed=self.context.seed).feeds
             except InputError as exc:
                 notes.append(f"activation shapes unknown ({exc}): every weight folded")
                 return {}

@@ -43,7 +43,7 @@ The whole model is then checked against the input model on the calibration feeds
 ``compressors.fidelity``): for class scores, top-1 agreement and per-sample cosine; for feature
 outputs such as token embeddings, per-sample cosine with padded positions left out; and
 (``never_slower``) latency. When a check fails the int8 kernels are dropped again (static first,
-then all), down to weight-only, which runs the input model's kernels.
+then all), down to weight-only, which runs the input model's kernels (``int8_verify``).
 """
 
 from __future__ import annotations
@@ -56,17 +56,18 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.compressors import benchmark
+from modelpress.compressors.environment import int8_pairs_saturate
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import ensure_opset, iter_graphs, normalize, opset_version, to_bytes
-from modelpress.compressors.pipeline import Feed, Pass, PassResult
+from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.quantize.graph_edits import Names, fold_batchnorm, initializer_bytes
 from modelpress.compressors.quantize.int8_emit import apply_plan
 from modelpress.compressors.quantize.int8_profile import Profile, build_profile
 from modelpress.compressors.quantize.int8_place import (
     Target, Use, mark_kernel_candidates, micro_model, rule_prefers_kernel, select_targets, signature)
+from modelpress.compressors.quantize.int8_verify import build_checked
 from modelpress.compressors.quantize.ort_probe import (  # noqa: F401  (Timing, TIMING_ROUNDS: re-exported)
-    TIMING_ROUNDS, Timing, batch_of, fidelity, latency_feed, time_models, value_errors)
+    TIMING_ROUNDS, Timing, batch_of, time_models)
 from modelpress.compressors.selection import WeightFilterConfig
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
@@ -77,16 +78,7 @@ KERNEL_OPSET = 13
 # ``placement: measure``: an op switches to its int8 kernel only when timed at least this much
 # faster than fp32 (a kernel that merely ties costs accuracy for nothing).
 MIN_OP_SPEEDUP = 1.15
-# ``never_slower``: the int8 kernels go when the whole model is slower than the input model by more
-# than timing noise: paired median latency ratio above this, and the best times agreeing.
-SLOWER_RATIO = 1.05
 CHECK_MAX_BYTES = 512 << 20
-# Partial fallback: the shares of kernel layers (largest added error first) given back their fp32
-# kernel, in turn, when the int8 kernels miss the output check; ranked on this many samples. The
-# first share that passes is kept, so the ladder starts small: on all-MiniLM-L6-v2 one FFN output
-# projection adds three times the error of any other layer.
-FALLBACK_SHARES = (0.05, 0.125, 0.25, 0.5)
-FALLBACK_SAMPLES = 8
 
 
 class Int8Config(WeightFilterConfig):
@@ -149,15 +141,6 @@ class Int8Config(WeightFilterConfig):
     )
 
 
-# --------------------------------------------------------------------------- plan
-
-
-
-
-
-
-
-
 class Int8Quantize(Pass):
     name = "int8"
     stage = "quantize"
@@ -204,7 +187,8 @@ class Int8Quantize(Pass):
                 attempts.append(("without static QDQ", prepared, _without(targets, {"static"})))
         # Weight-only needs no opset upgrade: it is built from the model as it came in.
         attempts.append(("weight-only", base, select_targets(base, config)[0]))
-        quantized, final, verification = self._build_checked(attempts, profile, reference, decisions)
+        quantized, final, verification = build_checked(attempts, profile, reference, decisions, config,
+                                                       self.context.threads, self._reduce["used"])
 
         counts: dict[str, Counter] = defaultdict(Counter)
         for target in final:
@@ -298,130 +282,13 @@ class Int8Quantize(Pass):
         timings = time_models({"fp32": fp32_bytes, "int8": to_bytes(int8_model)}, feed, self.context.threads)
         return timings["fp32"].median_us, timings["int8"].median_us, timings["int8"].speedup
 
-    # ----------------------------------------------------------------------- build + verify
-
-    def _build_checked(self, attempts, profile: Profile, reference: bytes | None, decisions: list[dict[str, Any]]):
-        """Build each attempt in turn (int8 kernels, then without static QDQ, then weight-only) and
-        keep the first whose outputs agree with the input model and (``never_slower``) that is not
-        slower than it. When the outputs of the first attempt miss, attempts that keep the fp32
-        kernel only for the layers adding the most output error (a twentieth, an eighth, a quarter, then half of them) come
-        first. Weight-only is last and always kept: it runs the input model's fp32 kernels."""
-        config: Int8Config = self.config
-        verification: dict[str, Any] = {"checked": False, "reverted": []}
-        queue = list(attempts)
-        why: dict[tuple[str, str], str] = {}  # (tensor, node) -> why its kernel went, for partial fallbacks
-        partial_tried = False
-        missed = None
-        while queue:
-            label, source, plan = queue.pop(0)
-            built = source.clone()
-            emitted = apply_plan(built, plan, profile.ranges, config, profile.channel_max, self._reduce["used"],
-                                 profile.channel_mean)
-            verification["smoothed"] = emitted["smoothed"]
-            verification["bias_corrected"] = emitted["bias_corrected"]
-            verification["per_tensor"] = emitted["per_tensor"]
-            if reference is None or not profile.feeds:
-                return built, plan, verification
-            candidate = to_bytes(built)
-            agreement = fidelity(reference, candidate, profile.feeds, self.context.threads)
-            verification.update(agreement, checked=True)
-            outputs_missed = _missed(agreement, config)
-            if label == "weight-only":
-                outputs_missed = None
-            elif outputs_missed is None and config.never_slower and config.mode == "auto":
-                missed = self._slower(reference, candidate, profile.latency_feed, verification)
-            else:
-                missed = outputs_missed
-            if label == "weight-only" or missed is None:
-                _settle(decisions, plan, why, missed_before=verification["reverted"])
-                return built, plan, verification
-            verification["reverted"].append(f"{label}: {missed}")
-            if outputs_missed is not None and not partial_tried:
-                partial_tried = True
-                queue[0:0] = self._partial_fallbacks(source, plan, reference, candidate, profile, verification, why)
-        raise AssertionError("the weight-only attempt always returns")
-
-    def _partial_fallbacks(self, source: ir.Model, plan: list[Target], reference: bytes, candidate: bytes,
-                           profile: Profile, verification: dict[str, Any], why: dict[tuple[str, str], str]):
-        """Attempts that give the fp32 kernel back to the main-graph layers adding the most output
-        error: each layer's relative output error minus its input's (what it adds, not what it
-        inherits), measured on a few calibration samples."""
-        nodes = list(source.graph)
-        kernel_uses = [(t, u) for t in plan for u in t.uses if u.method != "weight_only" and u.node[0] == 0]
-        if len(kernel_uses) < 2:
-            return []
-        pairs = {}
-        for target, use in kernel_uses:
-            node = nodes[use.node[1]]
-            pairs[(target.name, use.node_name)] = (node.inputs[0].name, node.outputs[0].name)
-        feed = latency_feed(source, profile.feeds[0], FALLBACK_SAMPLES)
-        names = sorted({n for pair in pairs.values() for n in pair})
-        try:
-            errors = value_errors(reference, candidate, names, feed, self.context.threads)
-        except Exception:  # the ranking is an optimisation: without it, weight-only follows
-            return []
-        added = {key: errors.get(out, 0.0) - errors.get(inp, 0.0) for key, (inp, out) in pairs.items()}
-        ranked = sorted(added, key=lambda key: (-added[key], key))
-        verification["layer_added_error"] = {f"{node} ({tensor})": round(added[(tensor, node)], 5)
-                                             for tensor, node in ranked[:10]}
-        attempts, taken = [], set()
-        for share in FALLBACK_SHARES:
-            count = max(1, int(np.ceil(len(ranked) * share)))
-            if count >= len(ranked) or count in taken:
-                continue
-            taken.add(count)
-            worst = set(ranked[:count])
-            for key in worst:
-                why.setdefault(key, f"fp32 kernel kept: among the {count} layers adding the most output error "
-                                    f"({added[key]:.4f})")
-            partial = [replace(t, uses=[replace(u, method="weight_only") if (t.name, u.node_name) in worst else u
-                                        for u in t.uses]) for t in plan]
-            attempts.append((f"int8 kernels except the {count} layers adding the most error", source, partial))
-        return attempts
-
-    def _slower(self, reference: bytes, candidate: bytes, feed: Feed, verification: dict[str, Any]) -> str | None:
-        """Why the candidate is slower than the reference, or None. A first verdict of "slower" is
-        timed again and must repeat: a burst of load from other processes must not cost the kernels."""
-        for _ in range(2):
-            timings = time_models({"original": reference, "int8": candidate}, feed, self.context.threads)
-            int8 = timings["int8"]
-            verification["latency_us"] = {k: round(t.median_us, 2) for k, t in timings.items()}
-            verification["latency_ratio"] = round(int8.ratio, 3)
-            if not (int8.ratio > SLOWER_RATIO and int8.min_ratio > 1.0):
-                return None
-        return f"whole model {int8.ratio:.2f}x the input model's latency (> {SLOWER_RATIO})"
-
-
-def _missed(fidelity: dict[str, Any], config: Int8Config) -> str | None:
-    agreement = fidelity.get("agreement")
-    if agreement is not None and agreement < config.min_agreement:
-        return f"top-1 agreement {agreement:.4f} < {config.min_agreement}"
-    features = fidelity.get("outputs") == "features"
-    limit = config.min_feature_cosine if features else config.min_cosine
-    if fidelity["cosine"] < limit:
-        return f"{'feature' if features else 'output'} cosine {fidelity['cosine']:.5f} < {limit}"
-    return None
-
-
-def _settle(decisions: list[dict[str, Any]], plan: list[Target], why: dict[tuple[str, str], str],
-            missed_before: list[str]) -> None:
-    """Make the decision records say what the kept plan does, and why a kernel was given up."""
-    final = {(t.name, u.node_name): u.method for t in plan for u in t.uses}
-    for record in decisions:
-        method = final.get((record["tensor"], record["node"]))
-        if method is None or method == record["method"]:
-            continue
-        reason = why.get((record["tensor"], record["node"])) or (missed_before[-1] if missed_before else "reverted")
-        record["method"] = method
-        record["reason"] += f"; dropped: {reason}"
-
 
 def _reduce_range(config: Int8Config) -> dict[str, Any]:
     """Whether kernel weights are 7-bit, and why (reported: the same recipe gives other bytes on
     a CPU without VNNI)."""
     if config.reduce_range != "auto":
         return {"used": bool(config.reduce_range), "why": "set in the recipe"}
-    if benchmark.int8_pairs_saturate():
+    if int8_pairs_saturate():
         return {"used": True, "why": "AVX2 without VNNI: u8 x s8 pair sums saturate int16 (VPMADDUBSW)"}
     return {"used": False, "why": "this CPU has int8 dot products (VNNI/AMX) or no AVX2: no saturation"}
 
@@ -452,90 +319,6 @@ def _prepare(model: ir.Model, fold_bn: bool) -> tuple[ir.Model, int]:
         return work, 0
     names = Names(work)
     return work, sum(fold_batchnorm(graph, names) for graph in list(iter_graphs(work)))
-
-
-
-
-
-
-# --------------------------------------------------------------------------- selection
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- graph edits
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- micro models
-
-
-
-
-
-
-# --------------------------------------------------------------------------- running ORT
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _serializable_bytes(model: ir.Model) -> bytes | None:

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.compressors import calibration, data, synthetic
+from modelpress.compressors import calibration, synthetic
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import EXTERNAL_DATA_THRESHOLD
+from modelpress.compressors.model_inputs import model_inputs
 from modelpress.compressors.pipeline import Feed, PassContext
 from modelpress.compressors.quantize import bias_correction, smoothing
 from modelpress.compressors.quantize.int8_place import Target, static_output
@@ -48,7 +49,7 @@ def build_profile(model: ir.Model, targets: list[Target], config: Int8Config, co
     feeds = [dict(f) for f in context.calibration or []]
     if not feeds:
         try:
-            dataset = synthetic.synthesize(data.model_inputs(ir.to_proto(model)), samples=1, seed=context.seed)
+            dataset = synthetic.synthesize(model_inputs(ir.to_proto(model)), samples=1, seed=context.seed)
         except InputError as exc:
             profile.note = f"no calibration data, and none can be synthesized ({exc}): int8 kernels not used"
             return profile

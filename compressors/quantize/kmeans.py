@@ -20,6 +20,7 @@ one codebook is shared, and a ``Mul`` by the channel scales follows the lookup; 
 uniform`` makes the entries integers times ``step`` (entropy-coded uniform quantization); ``method:
 gptq`` rounds MatMul/Gemm weights onto the codebook with GPTQ error compensation from --data.
 See ``kmeans_grid.py``: on all-MiniLM-L6-v2 this is what reaches 10x shipped at cosine 0.98.
+The Lloyd codebooks themselves (bits, channel groups, sub-vectors) come from ``kmeans_codebooks.py``.
 
 Why this lookup: stock onnxruntime constant-folds the all-initializer Cast -> Gather chain when the
 session is created, so inference runs the same fp32 kernels as the original (measured: equal latency;
@@ -48,8 +49,8 @@ from modelpress.compressors.model import (
 )
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.quantize import kmeans_grid
+from modelpress.compressors.quantize.kmeans_codebooks import channel_axis, choose_bits, group_offsets
 from modelpress.compressors.selection import WeightFilterConfig, matches, select_weights
-from modelpress.kernels.kmeans import kmeans_1d, kmeans_vectors
 
 # UINT4 tensors and Cast-21 need IR version 10 and opset 21.
 UINT4_OPSET = 21
@@ -68,8 +69,6 @@ VECTOR_INPUTS: dict[str, tuple[int, ...]] = {
 # (which trains Gather tables) leaves them frozen — torch's batch_norm refuses running statistics
 # that require grad, and training them would not mean anything. ORT folds the Identity away.
 STATISTICS_INPUTS: dict[str, tuple[int, ...]] = {"BatchNormalization": (3, 4)}
-# A vector's codebook (2^b floats) must stay well below its own size to be worth it.
-VECTOR_CODEBOOK_SHARE = 4
 
 
 class KMeansConfig(WeightFilterConfig):
@@ -159,7 +158,7 @@ class KMeansQuantize(Pass):
             if not self.context.calibration:
                 raise ValueError("the kmeans pass with method: gptq needs calibration data: run with --data "
                                  "(an .npz of model inputs), or set method: nearest")
-            self._solved, solve_notes = kmeans_grid.solve_gptq(model, candidates, config, self.context, _channel_axis)
+            self._solved, solve_notes = kmeans_grid.solve_gptq(model, candidates, config, self.context, channel_axis)
             notes += solve_notes
         taken = _all_names(model)
         lookups: dict[int, tuple[ir.Graph, list[ir.Node]]] = {}
@@ -231,7 +230,7 @@ class KMeansQuantize(Pass):
         name = value.name
         weights = value.const_value.numpy()
         is_vector = len(weights.shape) < 2
-        axis = None if is_vector else _channel_axis(value)
+        axis = None if is_vector else channel_axis(value)
         groups = 1 if is_vector else config.per_channel_groups
         if groups > 1 and axis is None:
             notes.append(f"{name}: one codebook (its consumers disagree on the channel axis)")
@@ -253,7 +252,7 @@ class KMeansQuantize(Pass):
                 codebook, indices, scales, figures = kmeans_grid.share(weights, axis, config, None)
             bits, mse = config.bits, figures.pop("mse")
         else:
-            bits, codebook, indices, mse = self._choose_bits(weights, groups, axis, size)
+            bits, codebook, indices, mse = choose_bits(weights, groups, axis, size, config, self.context.seed)
         k = 1 << bits
 
         if use_uint4 and bits <= 4:
@@ -275,7 +274,7 @@ class KMeansQuantize(Pass):
         flat_index = cast.outputs[0]
         extra_bytes = 0
         if groups > 1:
-            offsets = _group_offsets(weights.shape, groups, axis, k).astype(np.int32)
+            offsets = group_offsets(weights.shape, groups, axis, k).astype(np.int32)
             offsets_value = _initializer(graph, ir.Tensor(offsets, name=_fresh(f"{name}_kmeans_offsets", taken)))
             add = ir.node("Add", [flat_index, offsets_value], name=f"{name}/kmeans_group_offsets")
             add.outputs[0].name = _fresh(f"{name}_kmeans_idx_grouped", taken)
@@ -330,51 +329,6 @@ class KMeansQuantize(Pass):
         }
         return nodes, info
 
-    def _choose_bits(self, weights: np.ndarray, groups: int, axis: int | None, size: int = 1):
-        """(bits, codebook, indices, mse): fixed ``bits``, or the fewest bits meeting the error bound.
-        ``size`` > 1: product quantization of sub-vectors of that many consecutive weights."""
-        config: KMeansConfig = self.config
-        top = config.bits
-        if weights.ndim < 2:  # a vector's codebook must stay well below the vector itself
-            top = max(1, min(top, int(np.log2(max(2, weights.size // VECTOR_CODEBOOK_SHARE)))))
-        low = top if config.min_bits is None else min(config.min_bits, top)
-        wide = weights.astype(np.float64)
-        nonzero = wide[wide != 0]
-        scale = float(np.mean(nonzero**2)) if nonzero.size else 0.0
-        for bits in range(low, top + 1):
-            if size > 1:
-                codebook, flat = kmeans_vectors(weights.reshape(-1, size), bits, keep_zero=config.keep_zero,
-                                                seed=self.context.seed)
-                indices = flat.reshape(weights.shape[:-1] + (weights.shape[-1] // size,))
-                codebook = codebook.astype(weights.dtype)
-                restored = codebook[indices.astype(np.int64)].reshape(weights.shape).astype(np.float64)
-            else:
-                codebook, indices = self._cluster(weights, groups, axis, bits)
-                codebook = codebook.astype(weights.dtype)  # fp16/bf16 weights keep their dtype
-                offsets = _group_offsets(weights.shape, groups, axis, 1 << bits)
-                restored = codebook[indices.astype(np.int64) + offsets].astype(np.float64)
-            mse = float(np.mean((restored - wide) ** 2)) if wide.size else 0.0
-            if bits == top or mse <= config.max_relative_error * scale:
-                return bits, codebook, indices, mse
-        raise AssertionError("unreachable: the loop returns at bits == top")
-
-    def _cluster(self, weights: np.ndarray, groups: int, axis: int | None, bits: int) -> tuple[np.ndarray, np.ndarray]:
-        """One codebook per group of output channels; codebooks are concatenated, indices are local."""
-        config: KMeansConfig = self.config
-        run = lambda w: kmeans_1d(w, bits, config.init, config.iterations, config.keep_zero)  # noqa: E731
-        if groups == 1:
-            return run(weights)
-        channels = weights.shape[axis]
-        moved = np.moveaxis(weights, axis, 0)
-        indices = np.empty(moved.shape, np.uint8)
-        books = []
-        bounds = np.arange(groups + 1) * channels // groups
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            book, indices[start:stop] = run(moved[start:stop])
-            books.append(book)
-        return np.concatenate(books), np.moveaxis(indices, 0, axis)
-
-
 def _index_dtypes(per_tensor: dict[str, dict[str, Any]]) -> str | None:
     kinds = sorted({info["index_dtype"] for info in per_tensor.values()})
     return "/".join(kinds) if kinds else None
@@ -404,36 +358,6 @@ def _select_vectors(model: ir.Model, config: KMeansConfig) -> tuple[list[ir.Valu
             continue
         skipped.append({"tensor": name, "reason": reason})
     return chosen, skipped
-
-
-def _channel_axis(value: ir.Value) -> int | None:
-    """The output-channel axis of a weight, agreed by all its consumers (None if they disagree)."""
-    rank = len(value.shape)
-    axes = set()
-    for use in value.uses():
-        op = use.node.op_type
-        if op == "MatMul":
-            axes.add(rank - 1)
-        elif op == "Gemm":
-            trans_b = use.node.attributes.get("transB")
-            axes.add(0 if trans_b is not None and trans_b.as_int() else 1)
-        elif op == "ConvTranspose":
-            axes.add(1)
-        else:  # Conv: [out, in, ...]; Gather: one row per token
-            axes.add(0)
-    return axes.pop() if len(axes) == 1 else None
-
-
-def _group_offsets(shape: tuple[int, ...], groups: int, axis: int | None, k: int) -> np.ndarray:
-    """Per-channel start of its group's codebook, shaped to broadcast against the indices."""
-    if groups == 1:
-        return np.zeros((1,) * len(shape), np.int64)
-    channels = shape[axis]
-    bounds = np.arange(groups + 1) * channels // groups
-    group_of = np.searchsorted(bounds, np.arange(channels), side="right") - 1
-    view = [1] * len(shape)
-    view[axis] = channels
-    return (group_of * k).reshape(view)
 
 
 def _initializer(graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:

@@ -88,3 +88,29 @@ def test_recipe_check_shows_the_rungs(tmp_path):
     result = runner.invoke(app, ["recipe", "check", str(recipe)])
     text = " ".join(result.output.split())
     assert result.exit_code == 0 and "pruned: prune/magnitude, quantize/kmeans | kmeans4: quantize/kmeans" in text
+
+
+def test_deep_compression_without_data_exits_0_with_the_int8_rung(tmp_path, zoo_models):
+    out, report = tmp_path / "deep.onnx", tmp_path / "deep.json"
+    result = runner.invoke(app, [str(a) for a in ("compress", zoo_models("mlp"), "--recipe", "deep-compression", "-o", out,
+                                                  "--report-json", report, "--runs", 2, "--warmup", 0)])
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(out))
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    document = json.loads(report.read_text())
+    ladder = document["alternatives"]
+    assert [(r["name"], r["status"]) for r in ladder["tried"]] == [
+        ("prune-kmeans", "skipped"), ("grid", "skipped"), ("int4", "skipped"), ("int8", "passed")]
+    assert ladder["chosen"] == "int8" and document["artifacts"]["packed"] == str(out.with_suffix(".mpk"))
+    assert document["compressed"]["shipped_size_bytes"] == out.with_suffix(".mpk").stat().st_size
+    text = " ".join(result.output.split())
+    assert "skipped without --data (they calibrate on real inputs): prune-kmeans, grid, int4" in text
+
+
+def test_a_ladder_that_cannot_run_without_data_exits_2_and_writes_nothing(tmp_path, zoo_models):
+    recipe, out = tmp_path / "r.yaml", tmp_path / "r.onnx"
+    recipe.write_text("alternatives:\n  - name: gptq\n    quantize: [{type: int4, method: gptq}]\n")
+    result = runner.invoke(app, ["compress", str(zoo_models("mlp")), "--recipe", str(recipe), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "quantize/int4 calibrate on real inputs; pass --data" in " ".join(result.output.split())
+    assert not out.exists()

@@ -4,10 +4,11 @@ import hashlib
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
-from modelpress.compressors.errors import RecipeError
+from modelpress.compressors.errors import InputError, RecipeError
 from modelpress.compressors.job import CompressRequest, compress
 from modelpress.compressors.recipe import load_recipe, parse_recipe
 from modelpress.compressors.report import dumps
@@ -139,3 +140,62 @@ def test_the_last_rung_ignores_the_early_check(tmp_path, zoo_models, digits_npz)
     assert first["ran"] == ["prune/magnitude"] and first["status"] == "abandoned"
     assert last["ran"] == ["prune/magnitude", "quantize/kmeans"] and last["status"] == "closest"
     assert hashlib.sha256(output.read_bytes()).hexdigest()  # written although no rung passed
+
+
+# --------------------------------------------------------------------------- without --data
+
+INT4_GPTQ = "  - name: int4-gptq\n    quantize:\n      - {type: int4, method: gptq}\n"
+
+
+def _run_without_data(tmp_path, model, recipe: str, name: str):
+    output = tmp_path / f"{name}.onnx"
+    request = CompressRequest(model=model, recipe=recipe, output=output, force=True,
+                              bench_overrides={"runs": 1, "warmup": 0})
+    return compress(request), output
+
+
+def test_deep_compression_without_data_skips_the_calibrating_rungs_and_runs_int8(tmp_path, zoo_models, digits):
+    model = zoo_models("mlp")
+    report, output = _run_without_data(tmp_path, model, "deep-compression", "deep")
+    ladder = report.alternatives
+    assert report.gates_passed and ladder["passed"] and ladder["chosen"] == "int8" and ladder["index"] == 3
+    prune_kmeans, grid, int4, int8 = ladder["tried"]
+    assert [r["status"] for r in ladder["tried"]] == ["skipped", "skipped", "skipped", "passed"]
+    assert prune_kmeans["reason"] == "no --data: prune/recover, quantize/recover calibrate on real inputs"
+    assert grid["reason"] == "no --data: quantize/kmeans calibrates on real inputs"
+    assert int4["reason"] == "no --data: quantize/int4 calibrates on real inputs"
+    assert all(r["ran"] == [] and r["seconds"] is None and r["size_bytes"] is None for r in ladder["tried"][:3])
+    assert int8["ran"] == ["quantize/int8"] and int8["size_ratio"] > 3.5
+    assert [p["name"] for p in report.passes] == ["int8", "entropy"]
+    assert any("skipped without --data (they calibrate on real inputs): prune-kmeans, grid, int4" in n
+               for n in report.notes)
+    # What is written is the int8 recipe's model, byte for byte, and it keeps the digits predictions.
+    _, plain = _run_without_data(tmp_path, model, "int8", "plain")
+    assert output.read_bytes() == plain.read_bytes()
+    assert output.with_suffix(".mpk").stat().st_size == report.compressed.shipped_size_bytes < output.stat().st_size
+    onnx.checker.check_model(onnx.load(output))
+    _, _, x_test, _ = digits
+    original, compressed = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x_test})[0]
+                            for p in (model, output))
+    assert np.mean(original.argmax(1) == compressed.argmax(1)) > 0.99
+
+
+def test_without_data_the_last_rung_that_runs_goes_to_the_end(tmp_path, zoo_models):
+    # The pruned rung is the last one run (the int4 rung after it is skipped), so a quality miss after
+    # its prune stage does not abandon it: something is always written.
+    text = _ladder(PRUNED, INT4_GPTQ, gates="max_accuracy_drop: 0.0001")
+    recipe = tmp_path / "ladder.yaml"
+    recipe.write_text(text)
+    report, output = _run_without_data(tmp_path, zoo_models("mlp"), str(recipe), "ladder")
+    pruned, int4 = report.alternatives["tried"]
+    assert pruned["ran"] == ["prune/magnitude", "quantize/kmeans"] and pruned["status"] == "closest"
+    assert int4["status"] == "skipped" and int4["reason"] == "no --data: quantize/int4 calibrates on real inputs"
+    assert not report.gates_passed and output.stat().st_size == report.compressed.size_bytes == pruned["size_bytes"]
+
+
+def test_without_data_a_ladder_of_calibrating_rungs_is_refused(tmp_path, zoo_models):
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(_ladder(INT4_GPTQ, "  - name: grid\n    quantize:\n      - {type: kmeans, method: gptq, codebook: uniform}\n"))
+    with pytest.raises(InputError, match=r"quantize/int4, quantize/kmeans calibrate on real inputs; pass --data"):
+        _run_without_data(tmp_path, zoo_models("mlp"), str(recipe), "all")
+    assert not (tmp_path / "all.onnx").exists()

@@ -6,9 +6,10 @@ import pytest
 from onnx import numpy_helper
 from test_data import VOCAB, softmax_model, token_model
 
-from modelpress.compressors import benchmark
-from modelpress.compressors.benchmark import BenchSettings, compare, environment, make_session, measure, run_outputs
-from modelpress.compressors.data import load_data, model_inputs
+from modelpress.compressors.benchmark import BenchSettings, compare, make_session, measure, run_outputs
+from modelpress.compressors.environment import RELEVANT_ISA, environment
+from modelpress.compressors.data import load_data
+from modelpress.compressors.model_inputs import model_inputs
 from modelpress.compressors.synthetic import synthesize
 from modelpress.compressors.errors import InputError, ModelpressError
 from modelpress.compressors.recipe import BenchmarkSettings
@@ -182,4 +183,4 @@ def test_session_options_and_outputs(labelled):
 def test_environment_names_runtime_and_cpu():
     env = environment(3)
     assert env["threads"] == 3 and env["onnxruntime"] and env["cpu"] and env["python"]
-    assert set(env["isa"]) <= set(benchmark.RELEVANT_ISA)
+    assert set(env["isa"]) <= set(RELEVANT_ISA)

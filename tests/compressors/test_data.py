@@ -5,13 +5,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from modelpress.compressors.data import (
-    Dataset,
-    InputSpec,
-    load_data,
-    model_inputs,
-)
+from modelpress.compressors.data import Dataset, load_data
 from modelpress.compressors.errors import InputError
+from modelpress.compressors.model_inputs import InputSpec, model_inputs
 from modelpress.compressors.synthetic import parse_shape_flags, synthesize
 
 VOCAB = 50

@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from modelpress.compressors.data import load_data, model_inputs
+from modelpress.compressors.data import load_data
+from modelpress.compressors.model_inputs import model_inputs
 from modelpress.compressors.encode.entropy import EntropyConfig, EntropyEncode
 from modelpress.compressors.errors import InputError, RecipeError
 from modelpress.compressors.job import CompressRequest, compress
