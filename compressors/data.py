@@ -11,7 +11,6 @@ and the fix, before any pass runs.
 
 from __future__ import annotations
 
-import difflib
 import os
 import zipfile
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.compressors.errors import InputError
+from modelpress.compressors.errors import InputError, did_you_mean
 from modelpress.compressors.model_inputs import InputSpec, format_shape
 
 Feed = dict[str, np.ndarray]
@@ -245,12 +244,12 @@ def _check_names(arrays: dict[str, np.ndarray], inputs: list[InputSpec], path: P
     if missing:
         parts = []
         for name in missing:
-            parts.append(repr(name) + did_you_mean(name, unknown or list(arrays)))
+            parts.append(repr(name) + did_you_mean(name, unknown or list(arrays), ignore_case=True))
         problems.append(f"missing model input(s) {', '.join(parts)}")
     if unknown:
         parts = []
         for name in unknown:
-            parts.append(repr(name) + did_you_mean(name, missing or expected))
+            parts.append(repr(name) + did_you_mean(name, missing or expected, ignore_case=True))
         problems.append(f"array(s) {', '.join(parts)} match no model input")
     wanted = "; ".join(spec.describe() for spec in inputs)
     found = ", ".join(sorted(arrays)) or "no input arrays"
@@ -258,13 +257,6 @@ def _check_names(arrays: dict[str, np.ndarray], inputs: list[InputSpec], path: P
         f"{path}: {'; '.join(problems)}. The model expects: {wanted}. The file holds: {found}. "
         f"Name each array after a model input (plus an optional {LABELS!r})."
     )
-
-
-def did_you_mean(name: str, candidates: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest candidate, ignoring case; else ``""``."""
-    by_lower = {c.lower(): c for c in candidates}
-    guess = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
-    return f" (did you mean {by_lower[guess[0]]!r}?)" if guess else ""
 
 
 def _cast(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:

@@ -1,6 +1,13 @@
-"""Domain errors. The CLI maps them to exit codes: InputError -> 2, PassFailure -> 3."""
+"""Domain errors. The CLI maps them to exit codes: InputError -> 2, PassFailure -> 3.
+
+Also the did-you-mean hint that input errors (recipe keys, pass and recipe names, data arrays,
+``--shape`` names, search choices) append to the bad name they report.
+"""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class ModelpressError(Exception):
@@ -28,3 +35,14 @@ class PassFailure(ModelpressError):
         self.reason = reason
         before = ", ".join(ran_before) if ran_before else "nothing"
         super().__init__(f"pass {pass_name} failed after [{before}]: {reason}")
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, ignore_case: bool = False) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``choices`` (difflib), else ``""``.
+
+    ``ignore_case``: compare lowercased, for names users spell freely (model inputs, where
+    ``Input`` for ``input`` is the usual slip); recipe keys and pass names are compared as written.
+    """
+    by_key = {(choice.lower() if ignore_case else choice): choice for choice in choices}
+    guess = difflib.get_close_matches(word.lower() if ignore_case else word, list(by_key), n=1)
+    return f" (did you mean {by_key[guess[0]]!r}?)" if guess else ""

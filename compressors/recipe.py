@@ -7,7 +7,6 @@ problem at once as ``file:line: key.path: message`` with the valid choices and a
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelpress.compressors.errors import InputError, RecipeError
+from modelpress.compressors.errors import InputError, RecipeError, did_you_mean
 from modelpress.compressors.pipeline import STAGES, EncodePass, Pass, PassConfig, PassContext
 from modelpress.compressors.search.space import SearchSpace, check_fixed_passes
 
@@ -141,7 +140,7 @@ def resolve_recipe(ref: str) -> Path:
     shipped = shipped_recipes()
     if ref in shipped:
         return shipped[ref]
-    hint = _did_you_mean(ref, shipped)
+    hint = did_you_mean(ref, shipped)
     raise InputError(
         f"{ref}: no such recipe file and no shipped recipe of that name{hint}. "
         f"Shipped recipes: {', '.join(shipped)} (see `modelpress recipes`)."
@@ -181,7 +180,7 @@ def parse_recipe(text: str, source: str) -> Recipe:
 
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            report((key,), f"unknown key {key!r}{_did_you_mean(str(key), TOP_LEVEL_KEYS)}; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
+            report((key,), f"unknown key {key!r}{did_you_mean(str(key), TOP_LEVEL_KEYS)}; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
 
     passes = _parse_passes(data, report)
     gates = _validate(Gates, data.get("gates"), ("gates",), report)
@@ -228,7 +227,7 @@ def _parse_alternatives(data: dict, report) -> tuple[Alternative, ...]:
         for key in entry:
             if key not in ALTERNATIVE_KEYS:
                 why = (" (encode, gates, benchmark and seed are shared: set them at the top level)"
-                       if key in TOP_LEVEL_KEYS else _did_you_mean(str(key), ALTERNATIVE_KEYS))
+                       if key in TOP_LEVEL_KEYS else did_you_mean(str(key), ALTERNATIVE_KEYS))
                 report(path + (key,), f"unknown key {key!r}{why}; valid keys: {', '.join(ALTERNATIVE_KEYS)}")
         name = entry.get("name")
         if not isinstance(name, str) or not name.strip():
@@ -273,7 +272,7 @@ def _parse_passes(data: dict, report, prefix: KeyPath = ()) -> list[PassSpec]:
             if name not in choices:
                 elsewhere = [s for s in STAGES if name in PASSES[s]]
                 where = f" ({name!r} is a {elsewhere[0]} pass; put it under `{elsewhere[0]}:`)" if elsewhere else ""
-                report(path + ("type",), f"unknown {stage} pass {name!r}{where}{_did_you_mean(str(name), choices)}; valid: {', '.join(choices)}")
+                report(path + ("type",), f"unknown {stage} pass {name!r}{where}{did_you_mean(str(name), choices)}; valid: {', '.join(choices)}")
                 continue
             if stage == "encode" and any(s.stage == "encode" for s in specs):
                 report(path, "only one encode pass is allowed: it writes the shipped artifact")
@@ -300,7 +299,7 @@ def _validate(model_cls: type[BaseModel], value: Any, path: KeyPath, report):
                 key = str(error["loc"][-1])
                 # A config nesting another (a mixed rule's `use`) names the inner valid keys in ctx.
                 valid = list(error.get("ctx", {}).get("valid_keys") or model_cls.model_fields)
-                report(loc, f"unknown key {key!r}{_did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
+                report(loc, f"unknown key {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
             else:
                 bad = f"{error['input']!r} is not valid: " if "input" in error and error["type"] != "missing" else ""
                 report(loc, f"{bad}{error['msg']}")
@@ -336,8 +335,3 @@ def _format_path(path: KeyPath) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

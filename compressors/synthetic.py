@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from modelpress.compressors.data import Dataset, did_you_mean
+from modelpress.compressors.data import Dataset
 from modelpress.compressors.model_inputs import InputSpec, format_shape
-from modelpress.compressors.errors import InputError
+from modelpress.compressors.errors import InputError, did_you_mean
 
 # Synthesized integer inputs (token ids, indices) take values in [0, SYNTHETIC_INT_HIGH): small
 # enough for any vocabulary, and lower still when the input indexes a Gather table we can see.
@@ -54,7 +54,7 @@ def synthesize(
     for name in shapes:
         if name not in names:
             raise InputError(
-                f"--shape {name}: the model has no input {name!r}{did_you_mean(name, names)}; "
+                f"--shape {name}: the model has no input {name!r}{did_you_mean(name, names, ignore_case=True)}; "
                 f"its inputs: {', '.join(spec.describe() for spec in inputs)}"
             )
     resolved = {spec.name: _resolve_shape(spec, shapes.get(spec.name)) for spec in inputs}

@@ -30,7 +30,7 @@ that the integers dequantize in ONNX Runtime to the values the solver assumed.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -175,27 +175,43 @@ def gptq_quantize(
             scales[b], zeros[b] = block_params(w[b * block_size : (b + 1) * block_size], bits, symmetric, search)
         w = w[order]
     q = np.empty(w.shape)
-    lazy = max(block_size, LAZY_ROWS // block_size * block_size)
+
+    def round_row(position: int, rows: np.ndarray) -> np.ndarray:
+        row = order[position]
+        b = row // block_size
+        if not act_order and row % block_size == 0:
+            scales[b], zeros[b] = block_params(rows[:block_size], bits, symmetric, search)
+        q[position] = _round(rows[0], scales[b], zeros[b], maxq)
+        return (q[position] - zeros[b]) * scales[b]
+
+    gptq_sweep(w, upper, max(block_size, LAZY_ROWS // block_size * block_size), round_row)
+    if act_order:
+        q[order] = q.copy()
+    return _result(q, scales, zeros, layout)
+
+
+def gptq_sweep(w: np.ndarray, upper: np.ndarray, lazy: int,
+               round_row: Callable[[int, np.ndarray], np.ndarray]) -> None:
+    """GPTQ's column loop, shared by ``gptq_quantize`` and ``kernels.kmeans.gptq_codebook``.
+
+    ``w`` [K, N] float64, rows already in solving order, is updated in place. Row ``p`` is rounded
+    by ``round_row(p, rows)``: ``rows`` holds that row and the later rows of its lazy batch, as
+    updated so far (``rows[0]`` is the row to round); it returns the row's restored values. The
+    rounding error, scaled by the Cholesky factor ``upper``, moves onto the rows not yet rounded:
+    at once within the batch of ``lazy`` rows, and onto the later rows in one product per batch.
+    """
+    n_in = w.shape[0]
     for i1 in range(0, n_in, lazy):
         i2 = min(i1 + lazy, n_in)
         chunk = w[i1:i2].copy()
         u_chunk = upper[i1:i2, i1:i2]
         errors = np.empty_like(chunk)
         for i in range(i2 - i1):
-            row = order[i1 + i]
-            b = row // block_size
-            if not act_order and row % block_size == 0:
-                scales[b], zeros[b] = block_params(chunk[i : i + block_size], bits, symmetric, search)
-            q[i1 + i] = _round(chunk[i], scales[b], zeros[b], maxq)
-            restored = (q[i1 + i] - zeros[b]) * scales[b]
-            err = (chunk[i] - restored) / u_chunk[i, i]
-            chunk[i:] -= np.outer(u_chunk[i, i:], err)  # row i itself becomes ``restored``
+            err = (chunk[i] - round_row(i1 + i, chunk[i:])) / u_chunk[i, i]
+            chunk[i:] -= np.outer(u_chunk[i, i:], err)  # row i itself becomes the restored values
             errors[i] = err
         if i2 < n_in:
             w[i2:] -= upper[i1:i2, i2:].T @ errors  # lazy batch update of the later rows
-    if act_order:
-        q[order] = q.copy()
-    return _result(q, scales, zeros, layout)
 
 
 def dequantize_blocks(quantized: BlockQuantized, block_size: int, *, layout: Layout = "in_out") -> np.ndarray:

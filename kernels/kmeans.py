@@ -18,6 +18,8 @@ from typing import Literal
 
 import numpy as np
 
+from modelpress.kernels.gptq import LAZY_ROWS, gptq_sweep
+
 Init = Literal["linear", "density"]
 
 
@@ -232,8 +234,6 @@ def gptq_codebook(weight: np.ndarray, prepared, scales: np.ndarray, codebook: np
     error is moved onto the rows not yet rounded. Exact zeros (pruned weights) stay exactly zero
     when the codebook holds 0.0; the error of the rows around them is still compensated.
     """
-    from modelpress.kernels.gptq import LAZY_ROWS  # the solver's lazy-batch size, kept in one place
-
     w = np.array(weight, dtype=np.float64, copy=True)
     n_in, n_out = w.shape
     order, _, upper, dead = prepared
@@ -246,21 +246,15 @@ def gptq_codebook(weight: np.ndarray, prepared, scales: np.ndarray, codebook: np
     safe = np.where(scales != 0, scales, 1.0).astype(np.float64)
     entries = codebook.astype(np.float64)
     indices = np.empty(w.shape, np.uint8)
-    for i1 in range(0, n_in, LAZY_ROWS):
-        i2 = min(i1 + LAZY_ROWS, n_in)
-        chunk = w[i1:i2].copy()
-        u_chunk = upper[i1:i2, i1:i2]
-        errors = np.empty_like(chunk)
-        for i in range(i2 - i1):
-            index = nearest_entry(chunk[i] / safe, codebook)
-            if zero_at.size:
-                index[pruned[i1 + i]] = zero_at[0]
-            indices[i1 + i] = index
-            err = (chunk[i] - entries[index] * scales) / u_chunk[i, i]
-            chunk[i:] -= np.outer(u_chunk[i, i:], err)
-            errors[i] = err
-        if i2 < n_in:
-            w[i2:] -= upper[i1:i2, i2:].T @ errors
+
+    def round_row(position: int, rows: np.ndarray) -> np.ndarray:
+        index = nearest_entry(rows[0] / safe, codebook)
+        if zero_at.size:
+            index[pruned[position]] = zero_at[0]
+        indices[position] = index
+        return entries[index] * scales
+
+    gptq_sweep(w, upper, LAZY_ROWS, round_row)
     restored = np.empty_like(indices)
     restored[order] = indices
     return restored

@@ -18,19 +18,17 @@ scales, feeding one of three forms chosen per op:
   the calibration feeds, fused by ORT into QLinearConv / QLinearMatMul (ReLU absorbed).
   Never ``ConvInteger`` (what ``quantize_dynamic`` emits for Conv): 5-10x slower than fp32 on CPU.
 
-Why: a weight-only op is the very fp32 kernel after ORT's constant folding, while the int8 kernels
-win for large ops and lose for small ones — measured tables in ``int8_place``'s docstring.
+Why: a weight-only op is the very fp32 kernel after ORT's constant folding, while an int8 kernel
+wins for large ops and loses for small ones (fixed quantize / layout overheads, ORT's fp32
+Conv/Gemm+ReLU fusion, narrow outputs) — measured tables in ``int8_place``'s docstring. So
+``mode: auto`` stores every weight int8 (``weight_only``), then switches an op to its int8 kernel
+(dynamic for MatMul/Gemm, static QDQ for Conv when there is calibration data) where it pays at the
+shapes latency is judged on: one sample of the first calibration feed when the batch axis is
+dynamic (as the benchmark times it), else that feed (tiny models at batch 1 therefore stay
+weight-only: the same kernels as fp32). Where it pays is decided by
 
-So an int8 kernel wins for large ops and loses for small ones (fixed quantize / layout overheads,
-ORT's fp32 Conv/Gemm+ReLU fusion, narrow outputs). ``mode: auto`` therefore stores every weight
-int8 (``weight_only``), then switches an op to its int8 kernel (dynamic for MatMul/Gemm, static QDQ
-for Conv when there is calibration data) where it pays at the shapes latency is judged on: one
-sample of the first calibration feed when the batch axis is dynamic (as the benchmark times it),
-else that feed (tiny models at batch 1 therefore stay weight-only: the same kernels as fp32).
-Where it pays is decided by
-
-* ``placement: rule`` (default) — by the size rule fitted to the tables above (``RULE_*``): the same
-  inputs give the same bytes on every run, which the CLI promises.
+* ``placement: rule`` (default) — by the size rule fitted to those tables (``RULE_*`` in
+  ``int8_place``): the same inputs give the same bytes on every run, which the CLI promises.
 * ``placement: measure`` — by timing the op alone in fp32 and with its kernel on this machine
   (interleaved rounds), keeping kernels at least ``MIN_OP_SPEEDUP`` faster: adapts to the CPU, but
   timing noise can change the result from run to run.

@@ -46,17 +46,9 @@ if TYPE_CHECKING:  # the pass module imports this one
 
 # ``placement: rule``, fitted to the tables in the module docstring.
 RULE_DYNAMIC_MACS = 1 << 20  # M*K*N: below, quantizing the activation costs what the kernel saves
-
-
 RULE_DYNAMIC_WEIGHTS = 1 << 18  # K*N: memory-bound matrix-vector products win at any M
-
-
 RULE_DYNAMIC_MIN_DIM = 32  # narrow K or N (an 8-wide input projection, a 10-class head) always lost
-
-
 RULE_STATIC_MACS = 1 << 21
-
-
 RULE_STATIC_DEPTH = 64  # Cin/group * kh * kw: shallower convs lose to fp32's direct kernels
 
 

@@ -52,22 +52,22 @@ class SparseStorage(Pass):
         config: SparseStorageConfig = self.config
         notes: list[str] = []
         bytes_before = initializer_bytes(model)
-        chosen = [(graph, value) for graph, value in iter_weights(model) if self._packable(value, config)]
+        chosen = self._choose(model, config)
         if chosen and opset_version(model) < CHAIN_OPSET:
             notes.append(f"opset upgraded {opset_version(model)} -> {CHAIN_OPSET} for BitShift / CumSum")
             model = ensure_opset(model, CHAIN_OPSET)  # a new model object: select on it again
-            chosen = [(graph, value) for graph, value in iter_weights(model) if self._packable(value, config)]
+            chosen = self._choose(model, config)
         names = Names(model)
         constants: dict[int, dict[str, ir.Value]] = {}  # per graph: the chain's shared constants
         per_tensor: dict[str, dict[str, Any]] = {}
-        for graph, value in chosen:
+        for graph, value, nonzeros in chosen:
             weights = value.const_value.numpy()
             shared = constants.setdefault(id(graph), {})
             bits, nonzero = _pack(graph, value, weights, names, shared)
             per_tensor[value.name] = {
                 "bytes_before": int(weights.nbytes), "bytes_after": int(bits.const_value.nbytes + nonzero.const_value.nbytes),
-                "elements": int(weights.size), "sparsity": round(1 - np.count_nonzero(weights) / weights.size, 4),
-                "zeros_kept": int(weights.size - np.count_nonzero(weights)), "stored_as": [bits.name, nonzero.name],
+                "elements": int(weights.size), "sparsity": round(1 - nonzeros / weights.size, 4),
+                "zeros_kept": int(weights.size - nonzeros), "stored_as": [bits.name, nonzero.name],
             }
         bytes_after = initializer_bytes(model)
         stats: dict[str, Any] = {
@@ -77,19 +77,32 @@ class SparseStorage(Pass):
         }
         return PassResult(model, modified=bool(per_tensor), stats=stats)
 
+    @classmethod
+    def _choose(cls, model: ir.Model, config: SparseStorageConfig) -> list[tuple[ir.Graph, ir.Value, int]]:
+        """(graph, weight, its nonzero count) of every weight worth packing, in ``iter_weights`` order."""
+        chosen = []
+        for graph, value in iter_weights(model):
+            nonzeros = cls._nonzeros_if_packable(value, config)
+            if nonzeros is not None:
+                chosen.append((graph, value, nonzeros))
+        return chosen
+
     @staticmethod
-    def _packable(value: ir.Value, config: SparseStorageConfig) -> bool:
+    def _nonzeros_if_packable(value: ir.Value, config: SparseStorageConfig) -> int | None:
+        """The weight's nonzero count (counted once, reused by the stats) when it may be packed and
+        packing saves ``min_saving`` of its bytes; else None."""
         tensor = value.const_value
         if tensor.dtype not in PACKABLE or tensor.size < config.min_elements or not value.uses():
-            return False
+            return None
         if value.is_graph_input() or value.is_graph_output() or not matches(value.name or "", config.include, config.exclude):
-            return False
+            return None
         if any(u.node.domain not in ("", "ai.onnx") or u.node.op_type in ("QuantizeLinear", "DequantizeLinear")
                and u.idx > 0 for u in value.uses()):
-            return False  # quantization parameters and contrib-kernel inputs stay plain initializers
+            return None  # quantization parameters and contrib-kernel inputs stay plain initializers
         weights = tensor.numpy()
-        packed = np.count_nonzero(weights) * weights.itemsize + -(-weights.size // 8)
-        return packed <= (1.0 - config.min_saving) * weights.nbytes
+        nonzeros = int(np.count_nonzero(weights))
+        packed = nonzeros * weights.itemsize + -(-weights.size // 8)
+        return nonzeros if packed <= (1.0 - config.min_saving) * weights.nbytes else None
 
 
 def _pack(graph: ir.Graph, value: ir.Value, weights: np.ndarray, names: Names,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from modelpress.compressors.errors import did_you_mean
 from modelpress.compressors.pipeline import PassConfig
 from pydantic import (
     AfterValidator,
@@ -224,9 +225,7 @@ def _resolve_preset(name: str) -> Choice:
                 steps.append(_step({"type": kind, **(fields(match) if callable(fields) else fields)}, stage))
                 break
         else:
-            from modelpress.compressors.recipe import _did_you_mean
-
-            hint = _did_you_mean(part, ["fp32", "int8", "int8-weight-only", "int4", "kmeans4", "sparse50", "2:4"])
+            hint = did_you_mean(part, ["fp32", "int8", "int8-weight-only", "int4", "kmeans4", "sparse50", "2:4"])
             raise ValueError(f"unknown choice {part!r}{hint}; valid: {PRESET_HELP}")
     _one_per_stage(tuple(steps), name)
     return Choice(name, tuple(steps))
