@@ -37,9 +37,10 @@ class RecoveryTrainer:
         feeds = self.context.calibration
         student = TorchGraph(model, trainable=sorted({v.name for v in values}))
         names = feature_names(model, self.context.original, config)
-        teacher = run_onnx(self.context.original, feeds, names, self.context.threads)
+        teacher = run_onnx(self.context.original, feeds, names, self.context.threads, config.padding_mask)
         data = TrainingData.build(feeds, teacher, self.context.labels, config, model.graph.outputs[0].name,
                                  _output_op(model))
+        del teacher  # the training data holds what it needs: the per-feed copies can go
         first = next(data.in_order(8))
         probe = {name: t.numpy() for name, t in first.feed.items()}
         _check_parity(student, model, probe, self.context.threads)

@@ -286,3 +286,30 @@ def test_without_epochs_large_models_get_fewer_passes(tmp_path, monkeypatch):
     params = sum(v.const_value.size for v in model.graph.initializers.values())
     monkeypatch.setattr(recover_train, "AUTO_WORK", 3.5 * params * 96)
     assert Recover(RecoverConfig(), context).call(model).stats["epochs"] == 3
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_features_are_kept_at_real_positions_and_train_the_same(tmp_path, monkeypatch, leaky):
+    """With a padding mask the teacher's features are stored packed (real positions only: here 269 of
+    768 rows); batches see them zero-filled at padding, which the losses skip, so training writes the
+    same bytes as with every position stored — whether batches are cut (trim) or kept whole (leaky)."""
+    from modelpress.compressors.prune import recover_data
+
+    feeds = token_feeds()
+    model, context = tiny_setup(tmp_path, token_model(leaky), labels=False, feeds=feeds, sparsity=0.0)
+    w = model.graph.initializers["w"]
+    w.const_value = ir.Tensor(w.const_value.numpy() * 0.5, name="w")
+    teacher = recover_data.run_onnx(context.original, feeds, ["h", "y"], 1, "attention_mask")
+    real = sum(int(f["attention_mask"].sum()) for f in feeds)
+    packed = [f for fs in teacher.features for f in fs]
+    assert all(isinstance(f, recover_data.Packed) for f in packed) and sum(len(f.rows) for f in packed) == 2 * real
+    dense = recover_data.run_onnx(context.original, feeds, ["h", "y"], 1)
+    for fs, ds, feed in zip(teacher.features, dense.features, feeds):
+        for f, d in zip(fs, ds):
+            m = feed["attention_mask"] != 0
+            assert np.array_equal(f.take(np.arange(len(m))).numpy(), np.where(m[..., None], d, 0))
+
+    config = RecoverConfig(epochs=2, batch_size=8, lr=0.01, features=("h", "y"))
+    stored = to_bytes(Recover(config, context).call(model.clone()).model)
+    monkeypatch.setattr(recover_data, "_is_mask", lambda array: False)  # every position stored
+    assert to_bytes(Recover(config, context).call(model).model) == stored
