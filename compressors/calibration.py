@@ -208,6 +208,24 @@ def capture(
         del sessions
 
 
+def first_samples(feeds: Sequence[Feed], samples: int | None) -> list[Feed]:
+    """The feeds holding the first ``samples`` samples (all when None): whole feeds, the last one cut
+    on its first axis when every input has the same length there (else it is kept whole)."""
+    if samples is None:
+        return list(feeds)
+    kept, count = [], 0
+    for feed in feeds:
+        if count >= samples:
+            break
+        lengths = {a.shape[0] if a.ndim else 0 for a in feed.values()}
+        n = lengths.pop() if len(lengths) == 1 else 0
+        if n and count + n > samples:
+            feed = {name: a[: samples - count] for name, a in feed.items()}
+        kept.append(feed)
+        count += n if n else samples  # a feed without a common sample axis counts as the rest
+    return kept
+
+
 def padding_masks(feeds: Sequence[Feed], name: str | None) -> list[np.ndarray | None] | None:
     """Each feed's ``name`` input (e.g. ``attention_mask``), whose zeros mark padding; None when
     ``name`` is None or no feed has it."""

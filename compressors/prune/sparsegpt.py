@@ -26,6 +26,7 @@ from modelpress.compressors.calibration import (
     LinearLayer,
     Reduction,
     capture,
+    first_samples,
     linear_layers,
     padding_masks,
     plan_rounds,
@@ -68,6 +69,10 @@ class LayerwiseConfig(WeightFilterConfig):
         "uniform", description="sensitivity: each layer's sparsity from the measured output change when it "
         "alone is pruned (the mean stays `sparsity`; unstructured only)")
     max_layer_sparsity: float = Field(0.8, gt=0.0, lt=1.0, description="cap of any one layer under sensitivity")
+    # The statistics cost time linear in the samples and stop improving long before a later `recover`
+    # step stops gaining from more data: a recipe can give recover thousands and this pass fewer.
+    samples: int | None = Field(None, ge=1, description="at most this many calibration samples (the first ones); "
+                                "None: all that the recipe's calibration.samples gives")
 
     @model_validator(mode="after")
     def _pattern_fixes_sparsity(self):
@@ -108,7 +113,7 @@ class LayerwisePrune(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         config: LayerwiseConfig = self.config
-        feeds = self.context.calibration
+        feeds = first_samples(self.context.calibration or [], config.samples)
         if not feeds:
             raise ValueError(
                 f"the {self.name} pass needs calibration data: run with --data (an .npz of model inputs)"

@@ -11,6 +11,7 @@ from modelpress.compressors.calibration import (
     CrossGram,
     Gram,
     capture,
+    first_samples,
     padding_masks,
 )
 from modelpress.compressors.model import (
@@ -100,6 +101,18 @@ def test_deterministic_bytes_and_rounds(tmp_path, calib):
     assert one_shot.stats["rounds"] == 1
     assert np.array_equal(weights(one_shot.model)["w1"], weights(first.model)["w1"])
     assert not np.array_equal(weights(one_shot.model)["w2"], weights(first.model)["w2"])
+
+
+def test_samples_caps_the_calibration_this_pass_uses(tmp_path, calib):
+    """``samples: 160`` = the first feed and 32 rows of the second: the same bytes as running on them."""
+    capped = sparsegpt(load(tmp_path, tiny_mlp()), calib, samples=160)
+    by_hand = sparsegpt(load(tmp_path, tiny_mlp()), [calib[0], {"input": calib[1]["input"][:32]}])
+    assert to_bytes(capped.model) == to_bytes(by_hand.model)
+    assert capped.stats["calibration_rows"] == 160 < sparsegpt(load(tmp_path, tiny_mlp()), calib).stats["calibration_rows"]
+    assert to_bytes(sparsegpt(load(tmp_path, tiny_mlp()), calib, samples=10_000).model) == \
+        to_bytes(sparsegpt(load(tmp_path, tiny_mlp()), calib).model)
+    assert [len(f["input"]) for f in first_samples(calib, 128)] == [128]
+    assert first_samples(calib, None) == calib
 
 
 def test_needs_calibration(tmp_path):
