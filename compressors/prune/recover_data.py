@@ -48,10 +48,11 @@ class Packed:
 
     rows: np.ndarray
     mask: np.ndarray
+    starts: np.ndarray = field(init=False, repr=False)  # sample i's rows: starts[i]:starts[i + 1]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.mask.shape, *self.rows.shape[1:])
+    def __post_init__(self):
+        # Once, not per batch: summing the whole mask for every feature of every step was O(samples) each.
+        self.starts = np.concatenate([[0], np.cumsum(self.mask.sum(axis=1))])
 
     @classmethod
     def concat(cls, parts: Sequence[Packed]) -> Packed:
@@ -59,11 +60,10 @@ class Packed:
 
     def take(self, index: np.ndarray, length: int | None = None) -> torch.Tensor:
         """Samples ``index`` as a dense [len(index), length or seq, ...] tensor, padding zero-filled."""
-        starts = np.concatenate([[0], np.cumsum(self.mask.sum(axis=1))])
         mask = self.mask[index][:, :length] if length is not None else self.mask[index]
         dense = np.zeros((*mask.shape, *self.rows.shape[1:]), dtype=self.rows.dtype)
         if len(index):
-            dense[mask] = np.concatenate([self.rows[starts[i]:starts[i + 1]] for i in index])
+            dense[mask] = np.concatenate([self.rows[self.starts[i]:self.starts[i + 1]] for i in index])
         return torch.from_numpy(dense)
 
 
@@ -277,8 +277,7 @@ def _sequence_mask(feeds: Sequence[Feed], teacher: TeacherOutputs, name: str | N
         return None, False
     for feed, out in zip(feeds, teacher.outputs):
         mask = feed.get(name)
-        if mask is None or mask.ndim != 2 or out.shape[:2] != mask.shape \
-                or not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)) or not np.isin(mask, (0, 1)).all():
+        if not _is_mask(mask) or out.shape[:2] != mask.shape:
             notes.append(f"input {name!r} is not a [batch, seq] 0/1 mask over the output's first two axes: "
                          "every position counts in the loss")
             return None, False
