@@ -2,8 +2,7 @@
 
 The placement rule (``placement: rule``) is fitted to these measurements (ORT 1.32 CPU,
 AVX512-VNNI + AMX, 1 thread, µs per run, median of 15 interleaved rounds;
-``benchmarks/int8_placement.py`` prints them). Cast*scale is the weight-only form: it measured
-equal to fp32 everywhere, being the same kernel after ORT's constant folding.
+``benchmarks/int8_placement.py`` prints them). Cast*scale is the ``weight_only`` form of int8.py.
 
     MatMul [M,K]x[K,N]   fp32  Cast*scale  DQ->MatMul  dynamic  static
     1x64x300              8.9      9.1        12.2       13.8     12.9

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from modelpress.compressors.errors import did_you_mean
+from modelpress.compressors.errors import InputError, did_you_mean
 from modelpress.compressors.pipeline import PassConfig
 from pydantic import (
     AfterValidator,
@@ -289,7 +289,6 @@ class LayerGroup:
 def layer_groups(model, space: SearchSpace) -> tuple[list[LayerGroup], list[dict[str, str]]]:
     """(groups, [{tensor, reason}] for weights left out of the search). InputError for a group whose
     globs match no searchable tensor: a typo there would silently search nothing."""
-    from modelpress.compressors.errors import InputError
     from modelpress.compressors.selection import WeightFilterConfig, select_weights
 
     chosen, skipped = select_weights(model, set(space.op_types), WeightFilterConfig(min_elements=space.min_elements))
