@@ -10,7 +10,7 @@ For each zoo model (examples/zoo.py, trained in seconds on scikit-learn's digits
    and records its exit code and error if it fails,
 3. runs `onnxruntime.quantization.quantize_dynamic(per_channel=True)`, recording a crash, a model
    ORT cannot load, or a model left unquantized as such instead of stopping,
-4. times fp32, modelpress and ORT-dynamic in this one process with interleaved runs (the session
+4. times fp32, modelpress and ORT-dynamic in this one process taking turns of back-to-back runs (the
    order rotates every round, batch 1, warm-up first) so machine noise hits all three alike, and
    measures size, int8 share of the stored weights, held-out accuracy and argmax agreement with fp32.
 
@@ -188,19 +188,14 @@ def int8_share(path: Path) -> float:
 
 
 def time_interleaved(variants: list[Variant], feeds: list[dict], runs: int, warmup: int) -> None:
-    """Alternate the sessions run by run, rotating the order, so drift and neighbours' load on the
-    shared machine hit every variant alike."""
+    """Time the sessions taking turns of back-to-back runs, the order rotating each round
+    (``modelpress.compressors.benchmark.time_in_turns``, as ``modelpress compress`` times), so drift
+    and neighbours' load on the shared machine hit every variant alike."""
+    from modelpress.compressors.benchmark import time_in_turns
+
     live = [v for v in variants if v.session is not None]
-    for i in range(warmup):
-        for v in live:
-            v.session.run(None, feeds[i % len(feeds)])
-    for i in range(runs):
-        feed = feeds[i % len(feeds)]
-        shift = i % len(live)
-        for v in live[shift:] + live[:shift]:
-            start = time.perf_counter_ns()
-            v.session.run(None, feed)
-            v.latencies_ms.append((time.perf_counter_ns() - start) / 1e6)
+    for v, times in zip(live, time_in_turns([v.session for v in live], feeds, runs, warmup)):
+        v.latencies_ms.extend(t / 1e6 for t in times)
 
 
 def measure(variants: list[Variant], x_eval: np.ndarray, y_eval: np.ndarray, runs: int,
@@ -325,7 +320,7 @@ def markdown(table: list[list[str]], env: dict, command: str, args) -> str:
         f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, "
         f"Python {env['python']}.",
         f"- Timing: batch 1, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} "
-        "timed runs per variant, the three sessions alternated run by run in one process.",
+        "timed runs per variant, the three sessions in turns of 10 back-to-back runs, the order rotating each round, in one process.",
         f"- Accuracy: the 450 held-out digits; modelpress calibrates on {CALIBRATION_SAMPLES} "
         "training digits. *x smaller* = fp32 file size / file size; *int8 %* = share of stored "
         "tensor bytes that are 8-bit integers; *agree fp32* = argmax agreement with fp32.",

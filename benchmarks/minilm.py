@@ -19,7 +19,7 @@ This script
 4. measures every model in this one process: file size, the cosine of mean-pooled sentence
    embeddings to fp32's, nearest-neighbour agreement (for each evaluation sentence, is its
    nearest other sentence by cosine the same as under fp32?) and p50 latency at batch 1 x 128
-   tokens on 2 threads, the sessions alternated run by run so machine noise hits all alike.
+   tokens on 2 threads, the sessions taking turns of back-to-back runs so machine noise hits all alike.
 
 It prints one table, checks the targets of the quantization issue, and replaces the `minilm`
 section of benchmarks/RESULTS.md. It is a benchmark, not a test: nothing here asserts.
@@ -265,16 +265,14 @@ def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
 
 
 def time_interleaved(variants: list[Variant], feeds: list[dict], runs: int, warmup: int) -> None:
+    """Time the sessions taking turns of back-to-back runs, the order rotating each round
+    (``modelpress.compressors.benchmark.time_in_turns``, as ``modelpress compress`` times), so drift
+    and neighbours' load on the shared machine hit every variant alike."""
+    from modelpress.compressors.benchmark import time_in_turns
+
     live = [v for v in variants if v.session is not None]
-    for i in range(warmup):
-        for v in live:
-            v.session.run(None, feeds[i % len(feeds)])
-    for i in range(runs):
-        shift = i % len(live)
-        for v in live[shift:] + live[:shift]:
-            start = time.perf_counter_ns()
-            v.session.run(None, feeds[i % len(feeds)])
-            v.latencies_ms.append((time.perf_counter_ns() - start) / 1e6)
+    for v, times in zip(live, time_in_turns([v.session for v in live], feeds, runs, warmup)):
+        v.latencies_ms.extend(t / 1e6 for t in times)
 
 
 def measure(variants: list[Variant], evaluation: dict[str, np.ndarray], runs: int, warmup: int) -> None:
@@ -400,7 +398,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
         "Targets are judged at batch 1.",
         "- *diagnostic* row (not a shipped recipe): `int8` with SmoothQuant migration off (`smoothing: null`).",
         f"- Timing: batch 1 x {SEQ} tokens, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} "
-        "timed runs per variant alternated run by run; *p50 / fp32* is the median of the paired ratios.",
+        "timed runs per variant in turns of 10 back-to-back runs, the order rotating each round; *p50 / fp32* is the median of the paired ratios.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

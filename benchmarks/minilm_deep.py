@@ -19,7 +19,7 @@ This script (reusing benchmarks/minilm.py for the export, the sentences and the 
    (a control: its latency ratio is the noise of the paired timing on this machine): cosine of
    mean-pooled sentence embeddings to fp32's and nearest-neighbour agreement on the held-out
    sentences (batch 1, and batch 32), p50 latency at batch 1 x 128 tokens on 2 threads with the
-   sessions alternated run by run (ratio = median of the paired ratios);
+   sessions taking turns of back-to-back runs (ratio = median of the paired ratios);
 4. prints the alternatives the recipe tried (name, result, size, cosine, seconds, why not kept) and
    where the shipped bytes go (the report's per-tensor table, grouped by weight shape), and
    replaces the `minilm-deep` section of benchmarks/RESULTS.md.
@@ -137,7 +137,7 @@ def markdown(args, env, command, variants, report, exact, groups, counts) -> str
              f"{minilm.SEQ} tokens. *cosine*: mean-pooled sentence embeddings vs fp32 (mean / min); *NN agree*: "
              "nearest other sentence the same as under fp32; batch 1 (as timed) and batch 32.",
              f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} runs "
-             "per session alternated run by run; *p50 / fp32* = median of the paired ratios.", ""]
+             "per session in turns of 10 back-to-back runs, the order rotating each round; *p50 / fp32* = median of the paired ratios.", ""]
     if deep.status != "ok" or report is None:
         lines += [f"**{args.recipe}: no figures ({deep.status})**", END]
         return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@
 
 The model, the sentences (first sentences of docstrings: every third standard-library one
 calibrates, then other modules' docstrings up to `--calibration`, 4172 by default; 400 others
-evaluate), the measurements (mean-pooled cosine to fp32, nearest-neighbour agreement, interleaved p50
+evaluate), the measurements (mean-pooled cosine to fp32, nearest-neighbour agreement, turn-taking p50
 latency at batch 1 x 128 tokens) and the CLI runs come from `benchmarks/minilm.py`; this script only
 chooses the recipes. The passes leave padding out of their statistics and regroup the sentences by
 length, so short sentences cost what their tokens cost. Each CLI run is bounded by TIMEOUT_S.
@@ -154,7 +154,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
          f"{counts[1]} others evaluate (padded to {minilm.SEQ}). Unstructured zeros shrink the runnable file "
          "through `sparse_storage` (a bitmap + the nonzero values, rebuilt by ORT at load), not the run time."),
         (f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} "
-         "runs, variants alternated run by run."),
+         "runs, variants in turns of 10 back-to-back runs, the order rotating each round."),
         "",
         "| " + " | ".join(minilm.COLUMNS) + " |",
         "|" + "|".join("---" for _ in minilm.COLUMNS) + "|",

@@ -21,7 +21,7 @@ This script
    to show what recovery buys, both prunings without `recover`;
 3. measures every model in this one process like `benchmarks/minilm.py`: file size, cosine of the
    mean-pooled sentence embeddings to fp32's, nearest-neighbour agreement, p50 latency at batch 1 x
-   128 tokens on 2 threads with the sessions alternated run by run (*p50 / fp32* is the median of
+   128 tokens on 2 threads with the sessions taking turns of back-to-back runs (*p50 / fp32* is the median of
    the paired ratios).
 
 It prints one table, checks the issue's target (cosine >= 0.97 and latency <= 0.85x fp32), and
@@ -140,7 +140,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
         "the Reshape targets, computed from Shape at run time, keep their -1 head entries) and the same `recover`. "
         "*no-recovery* rows: the `structured` step alone (diagnostic).",
         f"- Timing: batch 1 x {SEQ} tokens, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} timed "
-        "runs per variant alternated run by run; *p50 / fp32* is the median of the paired ratios; *compress s* is "
+        "runs per variant in turns of 10 back-to-back runs, the order rotating each round; *p50 / fp32* is the median of the paired ratios; *compress s* is "
         "the whole CLI run (passes, its own evaluation and timing).",
         "",
         "| " + " | ".join(COLUMNS) + " |",

@@ -9,8 +9,8 @@ For each zoo model (examples/zoo.py, trained in seconds on scikit-learn's digits
    450 held-out digits with labels),
 2. runs `modelpress compress MODEL --recipe structured-50 --data train.npz --eval-data test.npz`
    as a subprocess (structured pruning of half the channels / units, then distillation),
-3. times the original and the pruned model in this one process with interleaved runs (the session
-   order alternates every run, batch 1 and batch 64, warm-up first; the timing code is
+3. times the original and the pruned model in this one process taking turns of back-to-back runs
+   (the order alternates every round, batch 1 and batch 64, warm-up first; the timing code is
    compare_int8.py's), and measures file size, parameters and held-out accuracy.
 
 Issue 4's targets on the CNN: latency <= 0.75x, runnable size <= 0.55x, accuracy drop <= 1 pp.
@@ -140,12 +140,12 @@ def markdown(table: list[list[str]], env: dict, command: str, args) -> str:
         "```",
         "",
         (f"- Machine: {env['cpu']}, {env['cores']} cores, ISA: {isa}; 1-minute load average at start "
-         f"{env['load_avg_1m']:.2f} (shared machine: the interleaved ratios are the figures to read)."),
+         f"{env['load_avg_1m']:.2f} (shared machine: the paired ratios are the figures to read)."),
         f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}.",
         ("- Compress: `modelpress compress MODEL --recipe structured-50 --data train.npz --eval-data test.npz` "
          "(1347 training digits calibrate and teach; accuracy on the 450 held-out digits)."),
         (f"- Timing: {args.threads} intra-op threads, {args.warmup} warm-ups, {args.runs} timed runs at batch 1 "
-         f"and {max(50, args.runs // 10)} at batch 64, the two sessions alternated run by run."),
+         f"and {max(50, args.runs // 10)} at batch 64, the two sessions in turns of 10 back-to-back runs, the order rotating each round."),
         (f"- Issue 4 targets (CNN): latency <= {TARGETS['latency']}x, runnable size <= {TARGETS['size']}x, "
          f"accuracy drop <= {TARGETS['drop_pp']} pp."),
         ("- The recipe keeps attention heads (`head_ratio: 0`): removing 1 of the transformer's 4 heads per "

@@ -1,9 +1,9 @@
 """Measure models with ONNX Runtime on CPU: size, latency, peak memory, accuracy and fidelity.
 
 before: model bytes or paths (the original, maybe a compressed one) and a ``Dataset``.
-after:  a ``ModelMeasurement`` per model. ``compare`` times the two models interleaved, run by
-run, so that their latency ratio holds on a noisy shared machine, and measures the compressed
-model's outputs against the original's over the whole dataset.
+after:  a ``ModelMeasurement`` per model. ``compare`` times the two models taking turns
+(``time_in_turns``), so that their latency ratio holds on a noisy shared machine, and measures the
+compressed model's outputs against the original's over the whole dataset.
 """
 
 from __future__ import annotations
@@ -188,22 +188,48 @@ def _percentiles(times_ns: list[int], samples: int) -> Latency:
     return Latency(float(p50), float(p90), float(p99), mean, samples / (mean / 1e3) if mean > 0 else float("inf"))
 
 
-def _time_interleaved(sessions: list[ort.InferenceSession], feed: Feed, samples: int, settings, progress: Progress) -> list[Latency]:
-    """Warm each session up, then time each once per run, rotating which goes first, so that a
-    noisy neighbour or a frequency change hits every model alike."""
-    for _ in range(settings.warmup):
-        for session in sessions:
-            session.run(None, feed)
+# Timed runs of one session before the next takes its turn. Why turns and not run by run: after a
+# run, ORT's intra-op threads spin for a while waiting for more work; a different session started
+# at once competes with them for the cores. Alternating all-MiniLM-L6-v2 sessions run by run on 2
+# cores read 39-48 ms per fp32 run where the same model timed alone read 21-24 ms, and turns 21-25
+# ms (benchmarks/RESULTS.md, latency-method; the ratios between two models were as noisy either
+# way). Turns time each model as a user runs it, with ORT's default spinning, and rotating the
+# turns over the rounds still spreads a noisy neighbour or a clock change over every model alike.
+TURN_RUNS = 10
+# Untimed runs at the start of each turn, for at least this long: the other session's threads go
+# back to sleep and this model's weights return to the caches.
+SETTLE_NS = 5_000_000
+
+
+def time_in_turns(sessions: list[ort.InferenceSession], feeds: list[Feed], runs: int, warmup: int,
+                  progress: Progress | None = None) -> list[list[int]]:
+    """Nanoseconds of ``runs`` timed runs of each session (cycling through ``feeds``): each session
+    warmed up ``warmup`` times, then timed in turns of TURN_RUNS back-to-back runs, the order of the
+    sessions rotating from round to round. Run i of every session lies in the same round, so
+    per-run ratios pair runs made within a few hundred milliseconds of each other."""
+    for session in sessions:
+        for i in range(warmup):
+            session.run(None, feeds[i % len(feeds)])
     times: list[list[int]] = [[] for _ in sessions]
-    for run in range(settings.runs):
-        shift = run % len(sessions)
+    done = 0
+    for round_ in range((runs + TURN_RUNS - 1) // TURN_RUNS):
+        size = min(TURN_RUNS, runs - done)
         for k in range(len(sessions)):
-            which = (k + shift) % len(sessions)
-            started = time.perf_counter_ns()
-            sessions[which].run(None, feed)
-            times[which].append(time.perf_counter_ns() - started)
-        progress("latency", run + 1, settings.runs)
-    return [_percentiles(t, samples) for t in times]
+            which = (k + round_) % len(sessions)
+            session = sessions[which]
+            settle_until = time.perf_counter_ns() + SETTLE_NS
+            session.run(None, feeds[0])
+            while time.perf_counter_ns() < settle_until:
+                session.run(None, feeds[0])
+            for i in range(done, done + size):
+                feed = feeds[i % len(feeds)]
+                started = time.perf_counter_ns()
+                session.run(None, feed)
+                times[which].append(time.perf_counter_ns() - started)
+        done += size
+        if progress:
+            progress("latency", done, runs)
+    return times
 
 
 # --------------------------------------------------------------------------- metrics
@@ -262,7 +288,7 @@ def compare(
     """Measure the original and (if given) the compressed model on the same data.
 
     Latency: the latency feed (one sample when the batch axis is dynamic) run ``warmup`` times on
-    each model, then ``runs`` times each, interleaved. Metrics over every feed, on ``output`` (the
+    each model, then ``runs`` times each, in turns (``time_in_turns``). Metrics over every feed, on ``output`` (the
     first output by default): ``accuracy`` for each model when the dataset has labels; for the
     compressed model against the original (see ``fidelity``): ``agreement`` of the decisions
     (argmax of [N, classes] scores, or integer outputs; not for feature outputs of rank >= 3),
@@ -322,7 +348,10 @@ def compare(
 
     feed, samples = dataset.latency_feed()
     sessions = [reference] if candidate is None else [reference, candidate]
-    latencies = _time_interleaved(sessions, feed, samples, settings, progress) if settings.runs > 0 else [None, None]
+    latencies = [None, None]
+    if settings.runs > 0:
+        timed = time_in_turns(sessions, [feed], settings.runs, settings.warmup, progress)
+        latencies = [_percentiles(t, samples) for t in timed]
 
     before = ModelMeasurement(model_bytes(original), latencies[0], {}, reference_mb)
     if accuracy:

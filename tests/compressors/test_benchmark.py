@@ -6,7 +6,15 @@ import pytest
 from onnx import numpy_helper
 from test_data import VOCAB, softmax_model, token_model
 
-from modelpress.compressors.benchmark import BenchSettings, compare, make_session, measure, run_outputs
+from modelpress.compressors.benchmark import (
+    TURN_RUNS,
+    BenchSettings,
+    compare,
+    make_session,
+    measure,
+    run_outputs,
+    time_in_turns,
+)
 from modelpress.compressors.environment import RELEVANT_ISA, environment
 from modelpress.compressors.data import load_data
 from modelpress.compressors.model_inputs import model_inputs
@@ -90,6 +98,42 @@ def test_latency_and_memory_are_well_formed(labelled):
     assert before.peak_memory_mb is None or before.peak_memory_mb >= 0
     assert ("latency", FAST.runs, FAST.runs) in progress
     assert ("evaluating", len(data.feeds), len(data.feeds)) in progress
+
+
+class _Recorded:
+    """A real ORT session that notes which session each run went to (and the feed of each run)."""
+
+    def __init__(self, session, label, log):
+        self.session, self.label, self.log = session, label, log
+
+    def run(self, outputs, feed):
+        self.log.append((self.label, float(next(iter(feed.values())).ravel()[0])))
+        return self.session.run(outputs, feed)
+
+
+def test_latency_is_timed_in_rotating_turns_of_back_to_back_runs():
+    model = softmax_model().SerializeToString()
+    log: list = []
+    sessions = [_Recorded(make_session(model, 1), name, log) for name in "abc"]
+    feeds = [{"x": np.full((1, 4), float(i), np.float32)} for i in range(3)]
+    runs = 2 * TURN_RUNS + 3
+    times = time_in_turns(sessions, feeds, runs, warmup=2)
+    assert [len(t) for t in times] == [runs] * 3 and all(t > 0 for ts in times for t in ts)
+    # Warm-up first, then per round each session settles on feed 0 and runs its turn back to back,
+    # cycling the feeds; the order of the sessions rotates from round to round.
+    assert log[:6] == [(name, float(i)) for name in "abc" for i in range(2)]
+    turns, current = [], None
+    for label, value in log[6:]:
+        if current is None or current[0] != label:
+            current = (label, [])
+            turns.append(current)
+        current[1].append(value)
+    assert [label for label, _ in turns] == list("abc" "bca" "cab")
+    for (_, values), start in zip(turns, [0] * 3 + [TURN_RUNS] * 3 + [2 * TURN_RUNS] * 3):
+        size = min(TURN_RUNS, runs - start)
+        timed, settle = values[-size:], values[:-size]
+        assert settle and set(settle) == {0.0}  # at least one untimed run before the turn
+        assert timed == [float(i % 3) for i in range(start, start + size)]
 
 
 def test_embedding_outputs_use_per_sample_cosine_over_feeds_of_different_sizes(tmp_path):
