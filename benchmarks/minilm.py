@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_int8 import cli_error, machine, reason  # noqa: E402
+from compare_int8 import cli_error, machine, reason, time_interleaved  # noqa: E402
 from common import replace_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,17 +262,6 @@ def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     return similarity.argmax(axis=1)
-
-
-def time_interleaved(variants: list[Variant], feeds: list[dict], runs: int, warmup: int) -> None:
-    """Time the sessions taking turns of back-to-back runs, the order rotating each round
-    (``modelpress.compressors.benchmark.time_in_turns``, as ``modelpress compress`` times), so drift
-    and neighbours' load on the shared machine hit every variant alike."""
-    from modelpress.compressors.benchmark import time_in_turns
-
-    live = [v for v in variants if v.session is not None]
-    for v, times in zip(live, time_in_turns([v.session for v in live], feeds, runs, warmup)):
-        v.latencies_ms.extend(t / 1e6 for t in times)
 
 
 def measure(variants: list[Variant], evaluation: dict[str, np.ndarray], runs: int, warmup: int) -> None:
