@@ -43,6 +43,8 @@ sys.path.insert(0, str(REPO / "examples"))
 import zoo  # noqa: E402
 from common import replace_section  # noqa: E402
 
+from modelpress.compressors.benchmark import TURN_RUNS, time_in_turns  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- compare_int8:begin -->", "<!-- compare_int8:end -->"
 CALIBRATION_SAMPLES = 256
@@ -187,12 +189,13 @@ def int8_share(path: Path) -> float:
     return low / total if total else 0.0
 
 
+# How the scripts' markdown names the timing of time_interleaved.
+TURNS = f"in turns of {TURN_RUNS} back-to-back runs, the order rotating each round"
+
 def time_interleaved(variants: list[Variant], feeds: list[dict], runs: int, warmup: int) -> None:
     """Time the sessions taking turns of back-to-back runs, the order rotating each round
     (``modelpress.compressors.benchmark.time_in_turns``, as ``modelpress compress`` times), so drift
     and neighbours' load on the shared machine hit every variant alike."""
-    from modelpress.compressors.benchmark import time_in_turns
-
     live = [v for v in variants if v.session is not None]
     for v, times in zip(live, time_in_turns([v.session for v in live], feeds, runs, warmup)):
         v.latencies_ms.extend(t / 1e6 for t in times)
@@ -320,7 +323,7 @@ def markdown(table: list[list[str]], env: dict, command: str, args) -> str:
         f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, "
         f"Python {env['python']}.",
         f"- Timing: batch 1, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} "
-        "timed runs per variant, the three sessions in turns of 10 back-to-back runs, the order rotating each round, in one process.",
+        f"timed runs per variant, the three sessions {TURNS}, in one process.",
         f"- Accuracy: the 450 held-out digits; modelpress calibrates on {CALIBRATION_SAMPLES} "
         "training digits. *x smaller* = fp32 file size / file size; *int8 %* = share of stored "
         "tensor bytes that are 8-bit integers; *agree fp32* = argmax agreement with fp32.",

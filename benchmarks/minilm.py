@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_int8 import cli_error, machine, reason, time_interleaved  # noqa: E402
+from compare_int8 import TURNS, cli_error, machine, reason, time_interleaved  # noqa: E402
 from common import replace_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,7 +387,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
         "Targets are judged at batch 1.",
         "- *diagnostic* row (not a shipped recipe): `int8` with SmoothQuant migration off (`smoothing: null`).",
         f"- Timing: batch 1 x {SEQ} tokens, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} "
-        "timed runs per variant in turns of 10 back-to-back runs, the order rotating each round; *p50 / fp32* is the median of the paired ratios.",
+        f"timed runs per variant {TURNS}; *p50 / fp32* is the median of the paired ratios.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

@@ -137,7 +137,7 @@ def markdown(args, env, command, variants, report, exact, groups, counts) -> str
              f"{minilm.SEQ} tokens. *cosine*: mean-pooled sentence embeddings vs fp32 (mean / min); *NN agree*: "
              "nearest other sentence the same as under fp32; batch 1 (as timed) and batch 32.",
              f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} runs "
-             "per session in turns of 10 back-to-back runs, the order rotating each round; *p50 / fp32* = median of the paired ratios.", ""]
+             f"per session {minilm.TURNS}; *p50 / fp32* = median of the paired ratios.", ""]
     if deep.status != "ok" or report is None:
         lines += [f"**{args.recipe}: no figures ({deep.status})**", END]
         return "\n".join(lines) + "\n"

@@ -154,7 +154,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
          f"{counts[1]} others evaluate (padded to {minilm.SEQ}). Unstructured zeros shrink the runnable file "
          "through `sparse_storage` (a bitmap + the nonzero values, rebuilt by ORT at load), not the run time."),
         (f"- Timing: batch 1 x {minilm.SEQ} tokens, {args.threads} threads, {args.warmup} warm-up + {args.runs} "
-         "runs, variants in turns of 10 back-to-back runs, the order rotating each round."),
+         f"runs, variants {minilm.TURNS}."),
         "",
         "| " + " | ".join(minilm.COLUMNS) + " |",
         "|" + "|".join("---" for _ in minilm.COLUMNS) + "|",

@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_int8 import machine  # noqa: E402
+from compare_int8 import TURNS, machine  # noqa: E402
 from modelpress.compressors.recipe import resolve_recipe  # noqa: E402
 from minilm import (  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
     COLUMNS,
@@ -140,7 +140,7 @@ def markdown(table, lines, env: dict, command: str, args, counts: tuple[int, int
         "the Reshape targets, computed from Shape at run time, keep their -1 head entries) and the same `recover`. "
         "*no-recovery* rows: the `structured` step alone (diagnostic).",
         f"- Timing: batch 1 x {SEQ} tokens, {args.threads} intra-op threads, {args.warmup} warm-up + {args.runs} timed "
-        "runs per variant in turns of 10 back-to-back runs, the order rotating each round; *p50 / fp32* is the median of the paired ratios; *compress s* is "
+        f"runs per variant {TURNS}; *p50 / fp32* is the median of the paired ratios; *compress s* is "
         "the whole CLI run (passes, its own evaluation and timing).",
         "",
         "| " + " | ".join(COLUMNS) + " |",

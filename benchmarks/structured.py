@@ -145,7 +145,7 @@ def markdown(table: list[list[str]], env: dict, command: str, args) -> str:
         ("- Compress: `modelpress compress MODEL --recipe structured-50 --data train.npz --eval-data test.npz` "
          "(1347 training digits calibrate and teach; accuracy on the 450 held-out digits)."),
         (f"- Timing: {args.threads} intra-op threads, {args.warmup} warm-ups, {args.runs} timed runs at batch 1 "
-         f"and {max(50, args.runs // 10)} at batch 64, the two sessions in turns of 10 back-to-back runs, the order rotating each round."),
+         f"and {max(50, args.runs // 10)} at batch 64, the two sessions {common.TURNS}."),
         (f"- Issue 4 targets (CNN): latency <= {TARGETS['latency']}x, runnable size <= {TARGETS['size']}x, "
          f"accuracy drop <= {TARGETS['drop_pp']} pp."),
         ("- The recipe keeps attention heads (`head_ratio: 0`): removing 1 of the transformer's 4 heads per "
