@@ -63,11 +63,16 @@ def reference_obs(w, h, *, sparsity=0.5, n_zero=0, m=0, blocksize=4, percdamp=0.
     return w
 
 
-@pytest.fixture
-def layer():
+def small_layer():
+    """A [16, 6] weight and the Hessian of 256 correlated inputs."""
     x = correlated_inputs(256, 16)
     w = np.random.default_rng(1).normal(size=(16, 6))
     return w, x.T @ x
+
+
+@pytest.fixture
+def layer():
+    return small_layer()
 
 
 def test_matches_exact_obs_reference_unstructured(layer):
@@ -196,3 +201,16 @@ def test_refit_is_the_least_squares_optimum_of_the_mask(layout):
     assert after < 0.9 * before
     with pytest.raises(ValueError, match="Hessian"):
         refit_kept(w, pruned, h[:8, :8], layout="in_out")
+
+
+def test_drop_smallest_is_a_stable_sort_cut():
+    """The linear-time selection drops exactly what a stable sort's first ``count`` entries are, with
+    ties (and NaNs, which sort last) taken by position."""
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        scores = rng.integers(0, 5, size=int(rng.integers(1, 30))).astype(float)
+        scores[rng.random(scores.size) < 0.15 * (trial % 3)] = [np.nan, np.inf, -np.inf][trial % 3]
+        count = int(rng.integers(-1, scores.size + 2))
+        by_sort = np.ones(scores.size, dtype=bool)
+        by_sort[np.argsort(scores, kind="stable")[: max(count, 0)]] = False
+        assert np.array_equal(drop_smallest(scores, count), by_sort), (scores, count)
