@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from modelpress.compressors.encode.entropy import EntropyEncode
 from modelpress.compressors.pipeline import EncodePass, Pass, Stage
+from modelpress.compressors.prune.admm import ADMMPrune
 from modelpress.compressors.prune.lowrank import LowRankFactorize
 from modelpress.compressors.prune.magnitude import MagnitudePrune
 from modelpress.compressors.prune.recover import Recover, RecoverQuantized
@@ -23,6 +24,7 @@ from modelpress.compressors.quantize.sparse_storage import SparseStorage
 _TABLE: list[type[Pass] | type[EncodePass]] = [
     MagnitudePrune,
     SparseGPTPrune,
+    ADMMPrune,
     WandaPrune,
     StructuredPrune,
     LowRankFactorize,

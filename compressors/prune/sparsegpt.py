@@ -188,8 +188,7 @@ class LayerwisePrune(Pass):
         return self.targets.get(layer.weight.name, self.config.sparsity)
 
 
-class SparseGPTConfig(LayerwiseConfig):
-    blocksize: int = Field(128, ge=1, description="inputs per mask-selection block")
+class ReconstructionConfig(LayerwiseConfig):
     damp: float = Field(0.01, gt=0.0, lt=1.0, description="Hessian damping, a fraction of its mean diagonal")
     # With rounds "sequential": solve each layer for min ||X̂W' - XW||² (X̂: its inputs with every
     # layer before it pruned, X: the original inputs), so it also absorbs the error from upstream.
@@ -198,7 +197,7 @@ class SparseGPTConfig(LayerwiseConfig):
     correct_upstream: bool = True
     # After the mask is chosen, solve its kept weights exactly (kernels/hessian.py refit_kept): one
     # least-squares solve per output. all-MiniLM-L6-v2 at 50 %: every layer's output error 30-55 %
-    # lower (figures in benchmarks/RESULTS.md, minilm-prune).
+    # lower than SparseGPT's own updates (figures in benchmarks/RESULTS.md, minilm-prune).
     refit: bool = True
 
     @model_validator(mode="after")
@@ -212,10 +211,9 @@ class SparseGPTConfig(LayerwiseConfig):
         return self.correct_upstream and self.rounds == "sequential"
 
 
-class SparseGPTPrune(LayerwisePrune):
-    name = "sparsegpt"
-    config_cls = SparseGPTConfig
-    summary = "one-shot pruning with Hessian-based weight updates from calibration data (SparseGPT)"
+class ReconstructionPrune(LayerwisePrune):
+    """Layer-wise pruning that also updates the kept weights from the layer's Hessian ``X^T X``:
+    upstream correction, the solver's mask and update (``prune_target``), then the exact refit."""
 
     def reduction(self, transposed: bool) -> Reduction:
         return CrossGram(transposed) if self.config.corrects else Gram(transposed)
@@ -223,29 +221,46 @@ class SparseGPTPrune(LayerwisePrune):
     def wants_reference(self) -> bool:
         return self.config.corrects
 
+    @abstractmethod
+    def prune_target(self, target: np.ndarray, hessian: np.ndarray, layout: str, cut: dict) -> np.ndarray:
+        """``target`` (float64, in ``layout``) pruned as ``cut`` says — the kernels' ``sparsity``,
+        ``prunen`` and ``prunem`` arguments — with the kept weights updated."""
+
     def solve(self, layer, weights, stats):
-        config: SparseGPTConfig = self.config
+        config: ReconstructionConfig = self.config
         hessian = sum(s.hessian for s in stats)  # a shared weight serves every use at once
         target = weights.astype(np.float64)
         if config.corrects:
             cross = sum(s.cross for s in stats)
             target = correct_input_error(weights, hessian, cross, layout=layer.layout, percdamp=config.damp)
         n, m = config.nm or (0, 0)
-        new = sparsegpt_prune(
-            target, hessian, layout=layer.layout, sparsity=self.layer_sparsity(layer), prunen=m - n, prunem=m,
-            blocksize=config.blocksize, percdamp=config.damp,
-        )
+        cut = {"sparsity": self.layer_sparsity(layer), "prunen": m - n, "prunem": m}
+        new = self.prune_target(target, hessian, layer.layout, cut)
         figures = {}
         if config.refit:
             n_in, n_out = hessian.shape[0], new.size // hessian.shape[0]
             kept = n_in * (1.0 - (self.layer_sparsity(layer) if config.nm is None else 1 - n / m))
             if n_out * kept**3 / 3 <= REFIT_FLOPS:
                 new = refit_kept(target, new, hessian, layout=layer.layout, percdamp=config.damp)
-            else:  # one |S|³ solve per output: too slow for this layer, keep SparseGPT's weights
+            else:  # one |S|³ solve per output: too slow for this layer, keep the solver's weights
                 figures["refit_skipped"] = 1
         # The layer's own pruning error, relative to its (corrected) dense output.
         error = reconstruction_error(target, new, hessian, layout=layer.layout)
         return new.astype(weights.dtype), {"output_error": round(error, 6), **figures}
+
+
+class SparseGPTConfig(ReconstructionConfig):
+    blocksize: int = Field(128, ge=1, description="inputs per mask-selection block")
+
+
+class SparseGPTPrune(ReconstructionPrune):
+    name = "sparsegpt"
+    config_cls = SparseGPTConfig
+    summary = "one-shot pruning with Hessian-based weight updates from calibration data (SparseGPT)"
+
+    def prune_target(self, target, hessian, layout, cut):
+        return sparsegpt_prune(target, hessian, layout=layout, **cut, blocksize=self.config.blocksize,
+                               percdamp=self.config.damp)
 
 
 def _collect(figures: dict[str, dict]) -> dict[str, Any]:
