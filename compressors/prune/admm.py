@@ -14,8 +14,13 @@ after refit against SparseGPT's 0.0098 (benchmarks/RESULTS.md, minilm-prune).
 from __future__ import annotations
 
 from modelpress.compressors.prune.sparsegpt import ReconstructionConfig, ReconstructionPrune
-from modelpress.kernels.hessian import admm_prune
+from modelpress.kernels.hessian import admm_prune, sparsegpt_prune
 from pydantic import Field, model_validator
+
+# Work bound of one layer's ADMM (iterations x 2·in²·out flops; MiniLM's largest layer needs 2.7e11,
+# under a minute on one core). Past it — a 4096 x 11008 LLM layer needs 5e15 — the layer is pruned by
+# SparseGPT's one pass instead (figure ``admm_skipped``), so the pass stays bounded on any model.
+ADMM_FLOPS = 2e12
 
 
 class ADMMConfig(ReconstructionConfig):
@@ -39,5 +44,8 @@ class ADMMPrune(ReconstructionPrune):
 
     def prune_target(self, target, hessian, layout, cut):
         config: ADMMConfig = self.config
+        n_in = hessian.shape[0]
+        if config.iterations * 2.0 * n_in * n_in * (target.size // n_in) > ADMM_FLOPS:
+            return sparsegpt_prune(target, hessian, layout=layout, **cut, percdamp=config.damp), {"admm_skipped": 1}
         return admm_prune(target, hessian, layout=layout, **cut, iterations=config.iterations, ramp=config.ramp,
-                          rho=config.rho, percdamp=config.damp)
+                          rho=config.rho, percdamp=config.damp), {}

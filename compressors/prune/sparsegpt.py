@@ -222,9 +222,9 @@ class ReconstructionPrune(LayerwisePrune):
         return self.config.corrects
 
     @abstractmethod
-    def prune_target(self, target: np.ndarray, hessian: np.ndarray, layout: str, cut: dict) -> np.ndarray:
+    def prune_target(self, target: np.ndarray, hessian: np.ndarray, layout: str, cut: dict) -> tuple[np.ndarray, dict]:
         """``target`` (float64, in ``layout``) pruned as ``cut`` says — the kernels' ``sparsity``,
-        ``prunen`` and ``prunem`` arguments — with the kept weights updated."""
+        ``prunen`` and ``prunem`` arguments — with the kept weights updated, and per-tensor figures."""
 
     def solve(self, layer, weights, stats):
         config: ReconstructionConfig = self.config
@@ -235,8 +235,7 @@ class ReconstructionPrune(LayerwisePrune):
             target = correct_input_error(weights, hessian, cross, layout=layer.layout, percdamp=config.damp)
         n, m = config.nm or (0, 0)
         cut = {"sparsity": self.layer_sparsity(layer), "prunen": m - n, "prunem": m}
-        new = self.prune_target(target, hessian, layer.layout, cut)
-        figures = {}
+        new, figures = self.prune_target(target, hessian, layer.layout, cut)
         if config.refit:
             n_in, n_out = hessian.shape[0], new.size // hessian.shape[0]
             kept = n_in * (1.0 - (self.layer_sparsity(layer) if config.nm is None else 1 - n / m))
@@ -260,7 +259,7 @@ class SparseGPTPrune(ReconstructionPrune):
 
     def prune_target(self, target, hessian, layout, cut):
         return sparsegpt_prune(target, hessian, layout=layout, **cut, blocksize=self.config.blocksize,
-                               percdamp=self.config.damp)
+                               percdamp=self.config.damp), {}
 
 
 def _collect(figures: dict[str, dict]) -> dict[str, Any]:

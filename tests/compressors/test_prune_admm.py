@@ -62,3 +62,14 @@ def test_digits_mlp_at_80_percent(zoo_models, digits):
     calibration = [{"input": x_train[:256]}]
     ours = prune(ADMMPrune, ADMMConfig, load_model(path), calibration, sparsity=0.8)
     assert accuracy(ours.model) >= accuracy(load_model(path)) - 0.02
+
+
+def test_layers_past_the_work_bound_fall_back_to_sparsegpt(tmp_path, calib, monkeypatch):
+    """A layer whose ADMM would cost more than ADMM_FLOPS is pruned by SparseGPT's one pass, and says so."""
+    from modelpress.compressors.prune import admm
+
+    monkeypatch.setattr(admm, "ADMM_FLOPS", 1e8)  # w1 [64, 128]: 150·2·64²·128 = 1.6e8 over; w2 [128, 10]: 4.9e7
+    result = prune(ADMMPrune, ADMMConfig, load(tmp_path, tiny_mlp()), calib)
+    sparsegpt = prune(SparseGPTPrune, SparseGPTConfig, load(tmp_path, tiny_mlp()), calib)
+    assert result.stats["admm_skipped"] == {"w1": 1}
+    assert np.array_equal(weights(result.model)["w1"], weights(sparsegpt.model)["w1"])
