@@ -14,7 +14,7 @@ initializers are anonymous (``onnx::MatMul_886``) are grouped by their nodes
 
 A choice is a named preset — ``fp32``, ``int8``, ``int8-weight-only``, ``int4`` (GPTQ; tables 4-bit too),
 ``int4-rtn`` (round to nearest, no data), ``kmeans2``..``kmeans8``,
-``sparse<N>`` (magnitude, N % of weights), ``sparsegpt<N>``, ``2:4`` / ``4:8`` (Wanda N:M), joined with
+``sparse<N>`` (magnitude, N % of weights), ``sparsegpt<N>``, ``admm<N>``, ``2:4`` / ``4:8`` (Wanda N:M), joined with
 ``+`` across stages such as ``sparse50+kmeans4`` — or an explicit ``{name, passes: [{type: ..., ...}]}``.
 The search sets each pass's ``include`` to the group's tensors, so a choice may not set it.
 """
@@ -47,7 +47,7 @@ QUALITY_GATES = ("max_accuracy_drop", "min_cosine", "min_agreement")
 GROUPINGS = ("per_tensor", "per_role")
 IDENTITY = ("fp32", "none")
 PRESET_HELP = (
-    "fp32, int8, int8-weight-only, int4, int4-rtn, kmeans2..kmeans8, sparse<1-99>, sparsegpt<1-99>, 2:4, 4:8, "
+    "fp32, int8, int8-weight-only, int4, int4-rtn, kmeans2..kmeans8, sparse<1-99>, sparsegpt<1-99>, admm<1-99>, 2:4, 4:8, "
     "or several joined by '+' across stages (e.g. sparse50+kmeans4)"
 )
 
@@ -202,6 +202,7 @@ _PRESETS: list[tuple[str, str, str, Any]] = [
     (r"kmeans([2-8])", "quantize", "kmeans", lambda m: {"bits": int(m[1])}),
     (r"sparse([1-9][0-9]?)", "prune", "magnitude", lambda m: {"sparsity": int(m[1]) / 100}),
     (r"sparsegpt([1-9][0-9]?)", "prune", "sparsegpt", lambda m: {"sparsity": int(m[1]) / 100}),
+    (r"admm([1-9][0-9]?)", "prune", "admm", lambda m: {"sparsity": int(m[1]) / 100}),
     (r"(2:4|4:8)", "prune", "wanda", lambda m: {"pattern": m[1]}),
 ]
 

@@ -102,6 +102,8 @@ def test_shipped_auto_recipe_has_a_search():
     assert recipe.search is not None and recipe.search.objective == "shipped_size"
     assert [p.name for p in recipe.passes] == ["entropy"]
     assert resolve_choice("sparse50+kmeans4").steps[0].config.sparsity == 0.5
+    admm = resolve_choice("admm60+int8").steps[0]
+    assert admm.name == "admm" and admm.config.sparsity == 0.6
 
 
 @pytest.mark.parametrize("block, fragment", [
