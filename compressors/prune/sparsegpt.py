@@ -10,6 +10,9 @@ captured from the model with the earlier rounds already pruned (``rounds``). Pad
 Weights the solver cannot reach — inside If/Loop bodies, Conv kernels, shared in two layouts — are
 pruned by magnitude instead (listed under ``fallback`` with the reason); the rest that is left dense
 is listed under ``skipped``. ``output_error`` per tensor is ``||X(W - W')||² / ||XW||²``.
+
+The loop (``LayerwisePrune``) and the Hessian-based steps around the solver (``ReconstructionPrune``)
+are shared: ``wanda`` and ``admm`` (prune/admm.py, another solver for the same problem) build on them.
 """
 
 from __future__ import annotations
