@@ -20,7 +20,6 @@ import argparse
 import datetime
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,13 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     command, env = minilm.command_line(__file__, argv), machine()
-    with tempfile.TemporaryDirectory(prefix="admm_layers_") as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with minilm.work_directory(args.work_dir, "admm_layers_") as work:
         model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
-        calibration, _ = minilm.sentence_data(work, args.calibration, 1)
-        length = int(calibration["attention_mask"].sum(axis=1).max())
-        calibration = {k: np.ascontiguousarray(v[:, :length]) for k, v in calibration.items()}
+        calibration = minilm.unpadded(minilm.sentence_data(work, args.calibration, 1)[0])
         layers = layer_hessians(model, calibration, args.threads)
     table = [row for name, cut in CUTS.items() for row in rows(layers, name, compare(layers, cut))]
     print(text_table(COLUMNS, table))

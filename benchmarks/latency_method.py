@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,9 +73,7 @@ def main(argv=None) -> int:
     from modelpress.compressors.benchmark import TURN_RUNS, make_session, time_in_turns
 
     command, env = minilm.command_line(__file__, argv), machine()
-    with tempfile.TemporaryDirectory(prefix="latency_method_") as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with minilm.work_directory(args.work_dir, "latency_method_") as work:
         print("exporting all-MiniLM-L6-v2 ...", file=sys.stderr, flush=True)
         model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
         int8 = work / "ort-dynamic-int8.onnx"

@@ -28,6 +28,7 @@ section of benchmarks/RESULTS.md. It is a benchmark, not a test: nothing here as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import json
@@ -257,11 +258,31 @@ def sentence_embeddings(session, data: dict[str, np.ndarray], batch: int = 32) -
     return np.concatenate(pooled).astype(np.float64)
 
 
-def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
+def neighbour_similarities(embeddings: np.ndarray) -> np.ndarray:
+    """Cosine between every two sentences; -inf on the diagonal (a sentence is not its own neighbour)."""
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
-    return similarity.argmax(axis=1)
+    return similarity
+
+
+def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
+    return neighbour_similarities(embeddings).argmax(axis=1)
+
+
+def unpadded(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same sentences padded only to the longest of them."""
+    length = int(data["attention_mask"].sum(axis=1).max())
+    return {k: np.ascontiguousarray(v[:, :length]) for k, v in data.items()}
+
+
+@contextlib.contextmanager
+def work_directory(work_dir: Path | None, prefix: str):
+    """``--work-dir`` (created, kept) or a temporary directory removed afterwards; absolute either way."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = (work_dir or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
 
 
 def measure(variants: list[Variant], evaluation: dict[str, np.ndarray], runs: int, warmup: int) -> None:
@@ -477,9 +498,7 @@ def publish(args: argparse.Namespace, command: str, env: dict, variants: list[Va
 def main(argv=None) -> int:
     args = parsed(parser(__doc__.splitlines()[0]), argv)
     command, env = command_line(__file__, argv), machine()
-    with tempfile.TemporaryDirectory(prefix="minilm_") as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.work_dir, "minilm_") as work:
         print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
         model = export_minilm(work / "all-MiniLM-L6-v2.onnx")
         calibration, evaluation = sentence_data(work, args.calibration, args.evaluation)

@@ -34,7 +34,6 @@ import datetime
 import os
 import subprocess
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,9 +94,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     command, env = minilm.command_line(__file__, argv), machine()
-    with tempfile.TemporaryDirectory(prefix="minilm_deep_") as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with minilm.work_directory(args.work_dir, "minilm_deep_") as work:
         print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
         model = minilm.export_minilm(work / "all-MiniLM-L6-v2.onnx")
         calibration, evaluation = minilm.sentence_data(work, args.calibration, args.evaluation)

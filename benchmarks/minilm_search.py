@@ -31,7 +31,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -237,9 +236,7 @@ def main(argv=None) -> int:
     command = minilm.command_line(__file__, argv)
     env = machine()
     skip = set(filter(None, args.skip.split(",")))
-    with tempfile.TemporaryDirectory(prefix="minilm_search_") as tmp:
-        work = (args.work_dir or Path(tmp)).resolve()
-        work.mkdir(parents=True, exist_ok=True)
+    with minilm.work_directory(args.work_dir, "minilm_search_") as work:
         model = work / "all-MiniLM-L6-v2.onnx"
         if not model.exists():
             print("exporting all-MiniLM-L6-v2 ...", file=sys.stderr, flush=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +51,7 @@ from minilm import (  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loa
     rows,
     run_modelpress,
     sentence_data,
+    work_directory,
 )
 
 
@@ -159,9 +159,7 @@ def main(argv=None) -> int:
     options.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args = parsed(options, argv)
     command, env = command_line(__file__, argv), machine()
-    with tempfile.TemporaryDirectory(prefix="minilm_structured_") as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.work_dir, "minilm_structured_") as work:
         print("exporting all-MiniLM-L6-v2 and tokenizing docstrings ...", file=sys.stderr, flush=True)
         model = export_minilm(work / "all-MiniLM-L6-v2.onnx")
         calibration, evaluation = sentence_data(work, args.calibration, args.evaluation)

@@ -26,10 +26,7 @@ MARGINS = (0.0, 0.005, 0.01, 0.02, 0.05)
 
 def margins(embeddings: np.ndarray) -> np.ndarray:
     """Per sentence: cosine to its nearest other sentence minus cosine to the second nearest."""
-    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    similarity = unit @ unit.T
-    np.fill_diagonal(similarity, -np.inf)
-    top = -np.sort(-similarity, axis=1)[:, :2]
+    top = -np.sort(-minilm.neighbour_similarities(embeddings), axis=1)[:, :2]
     return top[:, 0] - top[:, 1]
 
 
@@ -39,13 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="evaluation .npz (input_ids, attention_mask, token_type_ids)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    import onnxruntime as ort
+    from modelpress.compressors.benchmark import make_session
 
     data = dict(np.load(args.data))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    embeddings = [minilm.sentence_embeddings(ort.InferenceSession(str(m), options, providers=["CPUExecutionProvider"]), data)
-                  for m in args.models]
+    embeddings = [minilm.sentence_embeddings(make_session(m, args.threads), data) for m in args.models]
     lead = margins(embeddings[0])
     reference = minilm.nearest_neighbours(embeddings[0])
     columns = ["model", *(f"margin >= {m:g} (n={int((lead >= m).sum())})" for m in MARGINS)]

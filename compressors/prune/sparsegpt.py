@@ -241,7 +241,7 @@ class ReconstructionPrune(LayerwisePrune):
         new, figures = self.prune_target(target, hessian, layer.layout, cut)
         if config.refit:
             n_in, n_out = hessian.shape[0], new.size // hessian.shape[0]
-            kept = n_in * (1.0 - (self.layer_sparsity(layer) if config.nm is None else 1 - n / m))
+            kept = n_in * (n / m if config.nm else 1.0 - cut["sparsity"])
             if n_out * kept**3 / 3 <= REFIT_FLOPS:
                 new = refit_kept(target, new, hessian, layout=layer.layout, percdamp=config.damp)
             else:  # one |S|³ solve per output: too slow for this layer, keep the solver's weights
