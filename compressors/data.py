@@ -264,20 +264,20 @@ def _cast(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
     narrower float, an integer to another integer type that holds every value."""
     want, have = spec.dtype, array.dtype
     if have == want:
-        return np.ascontiguousarray(array)
+        return np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
     where = f"{path}: input {spec.name!r}"
     if want.kind == "f" and have.kind == "f":
         finite = array[np.isfinite(array)]
         if finite.size and np.abs(finite).max() > np.finfo(want).max:
             raise InputError(f"{where}: values up to {np.abs(finite).max():g} overflow the model's {want}")
-        return np.ascontiguousarray(array, dtype=want)
+        return np.asarray(array, dtype=want, order="C")
     if want.kind in "iu" and have.kind in "iu":
         info = np.iinfo(want)
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise InputError(
                 f"{where}: the model expects {want}, and the values in [{array.min()}, {array.max()}] do not fit it"
             )
-        return np.ascontiguousarray(array, dtype=want)
+        return np.asarray(array, dtype=want, order="C")
     if want.kind == "O" and have.kind in "US":
         return array
     if want.kind == "f" and have.kind in "iub":

@@ -91,7 +91,8 @@ def _parse(load, where: str) -> onnx.ModelProto:
 
 
 def _dim(dim) -> Dim:
-    if dim.HasField("dim_value"):
+    # Some exporters (paddle2onnx) write -1 for a dynamic dim; onnxruntime treats it as dynamic too.
+    if dim.HasField("dim_value") and dim.dim_value >= 0:
         return int(dim.dim_value)
     if dim.HasField("dim_param") and dim.dim_param:
         return dim.dim_param

@@ -81,7 +81,7 @@ def _dims(graph: onnx.GraphProto, symbolic: bool) -> dict[str, list]:
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor = info.type.tensor_type
         if tensor.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else
                                  (d.dim_param or None if symbolic else None) for d in tensor.shape.dim]
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)

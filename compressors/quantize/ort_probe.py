@@ -150,7 +150,7 @@ def inferred_shapes(proto: onnx.ModelProto, feed: Feed) -> dict[str, tuple[int, 
     def visit(graph: onnx.GraphProto) -> None:
         for info in list(graph.value_info) + list(graph.output) + list(graph.input):
             tensor = info.type.tensor_type
-            if tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            if tensor.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in tensor.shape.dim):
                 shapes[info.name] = tuple(int(d.dim_value) for d in tensor.shape.dim)
         for node in graph.node:
             for attr in node.attribute:

@@ -174,3 +174,50 @@ def test_recipe_calibration_block_rejects_unknown_keys(tmp_path, tiny_model_path
     result, out, _ = _compress(tmp_path, tiny_model_path, tiny_data_path, recipe)
     assert result.exit_code == 2 and "calibration.sample: unknown key" in result.output and "samples" in result.output
     assert not out.exists()
+
+
+def _scaled_mlp(batch_dim) -> onnx.ModelProto:
+    """x[batch, 16] -> MatMul(w 16x8) -> Mul(scale, a scalar input) -> y: a 0-d input as in silero-vad's
+    ``sr``; ``batch_dim`` as the exporter wrote it (paddle2onnx writes -1 for a dynamic dim)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    x.type.tensor_type.shape.dim[0].Clear()
+    x.type.tensor_type.shape.dim[0].dim_value = batch_dim
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["y"])], "scaled",
+        [x, helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_scalar_input_in_folder_feeds(tmp_path):
+    """A 0-d input stays 0-d through --data (numpy's ascontiguousarray would make it [1])."""
+    onnx.save(_scaled_mlp(1), tmp_path / "m.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):  # scale given as float64: cast to the model's float32, still 0-d
+        np.savez(feeds / f"{i}.npz", x=rng.normal(size=(1, 16)).astype(np.float32), scale=np.array(0.5 + i))
+    result, out, report = _compress(tmp_path, tmp_path / "m.onnx", feeds, "int8")
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["compressed"]["metrics"]["cosine"] > 0.99
+
+
+def test_minus_one_batch_dim_is_dynamic(tmp_path):
+    """-1 as a dim_value means dynamic (onnxruntime reads it so): the samples are chunked, not dropped."""
+    model = _scaled_mlp(-1)
+    model.graph.input.pop()  # no scalar input here: scale becomes a constant
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "scale"))
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).normal(size=(70, 16)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result, out, report = _compress(tmp_path, tmp_path / "m.onnx", tmp_path / "d.npz", "int8")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert figures["compressed"]["metrics"]["cosine"] > 0.99
+    reference = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert reference.shape == (70, 8)
