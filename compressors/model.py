@@ -19,6 +19,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from modelpress.compressors.errors import InputError
+from modelpress.compressors.fold import fold_weight_layouts
 
 # Protobuf cannot serialize a message of 2 GiB or more; above this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -79,6 +80,9 @@ def normalize(model: ir.Model) -> list[str]:
             1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant"
         )
         quirks.append(f"{len(constants) - remaining} Constant node(s) holding tensors were made initializers")
+    folded = sum(fold_weight_layouts(graph) for graph in list(iter_graphs(model)))
+    if folded:
+        quirks.append(f"{folded} Reshape/Transpose-style node(s) of weights folded into the weights")
     subgraph_weights = sum(
         1 for graph in iter_graphs(model) if graph is not model.graph for _ in graph.initializers
     )

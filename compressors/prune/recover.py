@@ -45,10 +45,12 @@ TRAINABLE_INPUTS: dict[str, tuple[int, ...]] = {
 # Without ``epochs``: enough passes for this many optimizer steps, so a small --data set is not
 # under-trained (digits MLP at 90 % sparsity: 1347 samples x 40 epochs or 512 x 120 both recover).
 AUTO_STEPS = 1000
-# ... but capped for large models, where that would take hours: at most this many (trainable weight x
-# training position) products — a position is a sample, or a real token when the data has a mask —
-# and at least one pass. The digits models stay far below it (about 3e9); all-MiniLM-L6-v2 with 256
-# calibration sentences of ~15 tokens gets about 4 passes (a few minutes on 2 cores).
+# ... but capped for large models, where that would take hours: at most this many forward multiply-adds
+# per pass (each trainable weight x the positions it is applied at: every output pixel of a Conv,
+# every row of a MatMul, every real token when the data has a mask), and at least one pass. The
+# digits models stay far below it (about 3e9); all-MiniLM-L6-v2 with 256 calibration sentences of ~15
+# tokens gets about 4 passes (a few minutes on 2 cores). Counting a Conv kernel once per sample, as
+# before, let a 0.1 M-parameter OCR CNN on 16 images of 48 x 192 plan 1000 passes (6 minutes).
 AUTO_WORK = 3e11
 # Below this many elements in its largest trainable tensor a model trains on one thread: on the digits
 # MLP (largest 19,200) two threads were 4.5x slower (per-op thread handoff dwarfs the tiny kernels); on

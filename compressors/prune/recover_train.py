@@ -49,7 +49,7 @@ class RecoveryTrainer:
         params = [p for _, p in student.trainable]
         zeros = sum(int((p == 0).sum()) for p in params)
         before = self._evaluate(student, data)
-        run = self._train(student, data)
+        run = self._train(student, data, weight_reuse(model, student, probe, data))
         after = self._evaluate(student, data)
         # Never hand back a model further from the teacher than it came (e.g. one barely pruned,
         # where Adam's first steps are noise): then the weights stay as they were.
@@ -79,7 +79,7 @@ class RecoveryTrainer:
         })
         return stats
 
-    def _train(self, student: TorchGraph, data: TrainingData) -> dict:
+    def _train(self, student: TorchGraph, data: TrainingData, reuse: dict[int, float]) -> dict:
         """The optimization loop; masked weights get neither gradient nor value."""
         config: RecoverConfig = self.config
         params = [p for _, p in student.trainable]
@@ -91,7 +91,7 @@ class RecoveryTrainer:
         per_epoch = data.steps_per_epoch(config.batch_size)
         planned = config.epochs
         if planned is None:
-            work = sum(p.numel() for p in params) * data.positions
+            work = sum(p.numel() * reuse.get(id(p), 1.0) for p in params) * data.positions
             planned = max(1, min(-(-AUTO_STEPS // per_epoch), int(AUTO_WORK // work)))
         total = planned * per_epoch
         scheduler = None
@@ -178,6 +178,34 @@ class RecoveryTrainer:
         if labels:
             result["label_accuracy"] = round(float(torch.cat(labels).mean()), 6)
         return result
+
+
+def weight_reuse(model: ir.Model, student: TorchGraph, probe: dict, data: TrainingData) -> dict[int, float]:
+    """id(parameter) -> multiply-adds per element per training position, where that is not 1: a Conv
+    kernel is applied at every output pixel, a MatMul weight at every row of a sample (a token, when
+    ``data.positions`` already counts real tokens, is one). From ONNX shape inference at the first
+    batch's shapes; a weight whose shapes stay unknown counts once (the cap is then looser)."""
+    from modelpress.compressors.quantize.ort_probe import batch_of, inferred_shapes
+
+    shapes = inferred_shapes(ir.to_proto(model), probe)
+    batch = batch_of(probe) or 1
+    per_token = probe[data.mask_input].shape[1] if data.mask_input in probe else 1
+    reuse: dict[int, float] = {}
+    for value, param in student.trainable:
+        uses = [(node, index) for node, index in value.uses()]
+        if len(uses) != 1:
+            continue
+        node, index = uses[0]
+        if node.op_type in ("Conv", "ConvTranspose") and index == 1:
+            measured = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
+            shape = shapes.get(measured.name)
+            if shape and len(shape) > 2:
+                reuse[id(param)] = float(np.prod(shape[2:]))
+        elif node.op_type in ("MatMul", "Gemm") and index in (0, 1):
+            shape = shapes.get(node.outputs[0].name)
+            if shape and len(shape) > 1:
+                reuse[id(param)] = max(1.0, float(np.prod(shape[:-1])) / batch / per_token)
+    return reuse
 
 
 def feature_names(model: ir.Model, original: bytes, config: RecoverConfig) -> list[str]:

@@ -303,7 +303,7 @@ def _slice_constants(model: ir.Model, removals: dict, deltas: dict) -> list[str]
     way the constant is used, else as the node's own copy."""
     edits = {key: (node, index, axes, None) for key, (node, index, axes) in removals.items()}
     for key, (node, index, delta) in deltas.items():
-        axes = edits.get(key, (node, index, {}, None))[2]
+        axes = edits.get(key, (node, index, _new_bias_cut(node, index, removals), None))[2]
         edits[key] = (node, index, axes, delta)
     by_value: dict[int, list] = {}
     for node, index, axes, delta in edits.values():
@@ -328,6 +328,16 @@ def _slice_constants(model: ir.Model, removals: dict, deltas: dict) -> list[str]
             node.replace_input_with(index, model.graph.initializers[name])
         _drop_if_unused(model, value)
     return copied
+
+
+def _new_bias_cut(node: ir.Node, index: int, removals: dict) -> dict[int, set[int]]:
+    """The cut of a bias that ``fold_means`` created for a Conv / Gemm (the graph search never saw
+    it): the output channels its own weight loses, when the layer is pruned on that side too."""
+    if index != 2 or (id(node), 1) not in removals:
+        return {}
+    out_axis = 0 if node.op_type == "Conv" or attr_value(node, "transB", 0) else 1
+    removed = removals[(id(node), 1)][2].get(out_axis)
+    return {0: set(removed)} if removed else {}
 
 
 def _edited(array: np.ndarray, axes: dict[int, set[int]], delta: np.ndarray | None) -> np.ndarray:

@@ -16,6 +16,7 @@ from modelpress.compressors.model import (
     load_model,
     normalize,
     save_model,
+    to_bytes,
     weight_inputs,
 )
 
@@ -143,3 +144,44 @@ def test_large_models_are_saved_with_external_data(tmp_path, tiny_model_path, mo
     x = {"input": np.ones((2, 64), np.float32)}
     assert np.array_equal(session.run(None, x)[0], reference.run(None, x)[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "tiny.onnx"]  # no temp leftovers
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_weight_layout_nodes_are_folded_bit_exactly(tmp_path, opset):
+    """Reshape / Unsqueeze / Squeeze / Flatten / Transpose of a weight become the weight itself (one
+    node: the consumer reads it where passes look); a weight read twice, or a graph output, stays."""
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.normal(size=(8, 4)).astype(np.float32), "shape": np.array([4, 16], np.int64),
+              "v": rng.normal(size=(1, 8)).astype(np.float32), "u": rng.normal(size=(8,)).astype(np.float32),
+              "s": rng.normal(size=(8, 8)).astype(np.float32), "f": rng.normal(size=(4, 2, 1)).astype(np.float32)}
+    axes = [numpy_helper.from_array(np.array([0], np.int64), "axes")] if opset >= 13 else []
+    ax = {} if opset >= 13 else {"axes": [0]}
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["h"]),
+             helper.make_node("Squeeze", ["v", *(["axes"] if axes else [])], ["vs"], **ax),
+             helper.make_node("Add", ["h", "vs"], ["h2"]),
+             helper.make_node("Unsqueeze", ["u", *(["axes"] if axes else [])], ["uu"], **ax),
+             helper.make_node("Mul", ["h2", "uu"], ["h3"]),
+             helper.make_node("Reshape", ["s", "shape"], ["sr"]),                 # s is read twice: stays
+             helper.make_node("MatMul", ["h3", "s"], ["h4"]),
+             helper.make_node("Flatten", ["f"], ["ff"], axis=1),
+             helper.make_node("MatMul", ["x", "ff"], ["g"])]
+    inits = [numpy_helper.from_array(a, k) for k, a in arrays.items()] + axes
+    graph = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("h4", TensorProto.FLOAT, ["N", 8]),
+                               helper.make_tensor_value_info("sr", TensorProto.FLOAT, [4, 16]),
+                               helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", 2])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 7
+    onnx.save(proto, tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx")
+    quirks = normalize(model)
+    assert "4 Reshape/Transpose-style node(s) of weights folded into the weights" in quirks
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add", "Mul", "Reshape", "MatMul", "MatMul"]
+    assert "w" not in model.graph.initializers and model.graph.initializers["wt"].const_value.shape == (4, 8)
+    x = {"x": rng.normal(size=(5, 4)).astype(np.float32)}
+    import onnxruntime as ort
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    after = ort.InferenceSession(to_bytes(model), providers=["CPUExecutionProvider"]).run(None, x)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)

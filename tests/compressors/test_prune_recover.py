@@ -288,6 +288,27 @@ def test_without_epochs_large_models_get_fewer_passes(tmp_path, monkeypatch):
     assert Recover(RecoverConfig(), context).call(model).stats["epochs"] == 3
 
 
+def test_conv_work_counts_every_output_pixel(tmp_path, monkeypatch):
+    """A Conv kernel costs its size x output pixels per sample: the automatic pass count reads it so
+    (counted once per sample, a small CNN on large images planned 1000 passes)."""
+    from onnx import TensorProto, numpy_helper
+
+    from modelpress.compressors.prune import recover_train
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["out"], pads=[1, 1, 1, 1])], "conv",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, 8, 8])], initializer=[w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"input": rng.random((16, 1, 8, 8), dtype=np.float32)} for _ in range(2)]
+    model, context = tiny_setup(tmp_path, proto, labels=False, feeds=feeds, sparsity=0.0)
+    # 36 weights x 64 pixels x 32 samples per pass: a budget of 3 passes, where counting each kernel
+    # once per sample would allow 192 (and AUTO_STEPS would then plan 1000 / 1 step = 1000 passes).
+    monkeypatch.setattr(recover_train, "AUTO_WORK", 3.5 * 36 * 64 * 32)
+    stats = Recover(RecoverConfig(batch_size=64), context).call(model).stats
+    assert stats["epochs"] == 3
+
+
 @pytest.mark.parametrize("leaky", [False, True])
 def test_features_are_kept_at_real_positions_and_train_the_same(tmp_path, monkeypatch, leaky):
     """With a padding mask the teacher's features are stored packed (real positions only: here 269 of

@@ -361,3 +361,33 @@ def test_digits_cnn_half_the_channels_then_recovered(zoo_models, digits):
     assert stats["per_group"] == {"features.0.weight": "16/32", "features.3.weight": "32/64"}
     assert stats["parameters_after"] < 0.36 * stats["parameters_before"]
     assert base - after <= 0.01, (base, after)
+
+
+def test_paddle_bias_adds_are_followed_and_new_biases_are_cut(tmp_path):
+    """paddle2onnx writes Conv biases as Add(conv, Reshape(offset, [1, C, 1, 1])): normalize folds the
+    Reshape into the offset, so the group is found; a bias created to hold removed channels' means
+    is cut when its own layer loses output channels too. Channels 4-7 of conv a and b are constant
+    (zero weights), so removing them with compensation leaves the output unchanged."""
+    rng = np.random.default_rng(3)
+    arrays = {}
+    nodes = []
+    source, cin = "x", 3
+    for name, out in (("a", 8), ("b", 8), ("c", 4)):
+        weight = rng.normal(0, 0.3, (out, cin, 1, 1)).astype(np.float32)  # 1x1: no padded border, so
+        if name != "c":  # a constant channel's contribution is a constant (a bias) everywhere
+            weight[4:] = 0
+        arrays[f"w_{name}"], arrays[f"offset_{name}"] = weight, rng.normal(0, 0.5, out).astype(np.float32)
+        arrays[f"shape_{name}"] = np.array([1, out, 1, 1], np.int64)
+        nodes += [helper.make_node("Conv", [source, f"w_{name}"], [f"conv_{name}"]),
+                  helper.make_node("Reshape", [f"offset_{name}", f"shape_{name}"], [f"bias_{name}"]),
+                  helper.make_node("Add", [f"conv_{name}", f"bias_{name}"], [f"sum_{name}"])]
+        if name != "c":
+            nodes.append(helper.make_node("Relu", [f"sum_{name}"], [f"act_{name}"]))
+        source, cin = f"act_{name}", out
+    proto = model_of(nodes, [image("x", 3)], [image("sum_c", 4)], arrays)
+    result = prune(proto, tmp_path, [X_IMAGE], ratio=0.5, criterion="activation")
+    assert not [n for n in result.model.graph if n.op_type == "Reshape"]
+    sizes = shapes(result.model)
+    assert sizes["w_a"] == (4, 3, 1, 1) and sizes["w_b"] == (4, 4, 1, 1) and sizes["w_c"] == (4, 4, 1, 1)
+    assert result.stats["compensated_biases"] == 2
+    np.testing.assert_allclose(run(result.model, X_IMAGE), run(proto, X_IMAGE), atol=1e-5)

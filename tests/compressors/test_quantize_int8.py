@@ -279,7 +279,9 @@ def test_rule_places_kernels_for_the_latency_batch(tmp_path, batch, first_layer)
     """[64, 512] x [512, 256] pays as dynamic int8; with a dynamic batch axis latency is judged on
     one sample, where it does not. The 10-wide head never does."""
     x = np.random.default_rng(6).random((64, 512), dtype=np.float32)
-    result = _quantize(_save(tmp_path, _two_layer(batch)), [{"x": x}], never_slower=False)
+    # Placement only: the accuracy check is off (the random 10-class head has near-ties, and
+    # onnxruntime 1.32 flips 2 of its 64 argmaxes under dynamic int8, which would drop the kernel).
+    result = _quantize(_save(tmp_path, _two_layer(batch)), [{"x": x}], never_slower=False, min_agreement=0.0)
     assert result.stats["placement"] == "rule"
     assert result.stats["calibration"]["latency_batch"] == (64 if batch == 64 else 1)
     decided = {d["tensor"]: d for d in result.stats["decisions"]}
@@ -420,8 +422,11 @@ def test_numerics_match_dequantized_weights(tmp_path, mode, per_channel, symmetr
                        min_agreement=0.0, min_cosine=-1.0, bias_correction=False)
     assert result.stats["quantized"] == {"MatMul": {mode: 2}}
     deq = {}
+    # On a CPU without VNNI (AVX2 only) `reduce_range: auto` keeps int8-kernel weights in 7 bits.
+    bits = 7 if mode == "dynamic" and result.stats["reduce_range"]["used"] else 8
     for name in ("w1", "w2"):
-        q, params = quant.quantize_weights(weights[name], axis=1 if per_channel else None, symmetric=symmetric)
+        q, params = quant.quantize_weights(weights[name], axis=1 if per_channel else None, symmetric=symmetric,
+                                           bits=bits)
         deq[name] = quant.dequantize(q, params)
     hidden = np.maximum(x @ deq["w1"] + weights["b1"], 0)
     expected = hidden @ deq["w2"]
