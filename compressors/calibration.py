@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 import onnx_ir as ir
+from modelpress.kernels.im2col import Patches
 
 Feed = dict[str, np.ndarray]
 
@@ -34,8 +35,11 @@ class Reduction(Protocol):
         """Fold one captured array (one feed's value) into the statistic."""
 
 
-def _rows(batch: np.ndarray, transposed: bool) -> np.ndarray:
-    """A MatMul input [..., K] (or a Gemm ``transA=1`` input [K, M]) as rows [n, K] of float32."""
+def _rows(batch: np.ndarray, transposed: bool | Patches) -> np.ndarray:
+    """A MatMul input [..., K] (or a Gemm ``transA=1`` input [K, M], or a Conv input unfolded into
+    its patches) as rows [n, K] of float32."""
+    if isinstance(transposed, Patches):
+        return transposed.rows(batch)
     x = np.asarray(batch)
     if transposed:
         x = x.T
@@ -171,11 +175,19 @@ def capture(
     def fold(name: str, array: np.ndarray, reference_array: np.ndarray | None, mask: np.ndarray | None) -> None:
         for reduction in by_name[name]:
             transposed = getattr(reduction, "transposed", False)
+            if isinstance(transposed, Patches) and len(array) > 1:
+                # One image at a time: a batch's patches are kh·kw times its size (GBs for a CNN).
+                for i in range(len(array)):
+                    fold_one(reduction, array[i : i + 1], None if reference_array is None else reference_array[i : i + 1])
+                continue
             own, ref = select_rows(array, mask, transposed), select_rows(reference_array, mask, transposed)
-            if getattr(reduction, "paired", False):
-                reduction.update(own, ref)
-            else:
-                reduction.update(own)
+            fold_one(reduction, own, ref)
+
+    def fold_one(reduction: Reduction, own: np.ndarray, ref: np.ndarray | None) -> None:
+        if getattr(reduction, "paired", False):
+            reduction.update(own, ref)
+        else:
+            reduction.update(own)
 
     for feed, mask in zip(feeds, masks):
         for name in sorted(by_name.keys() & graph_inputs):
@@ -301,7 +313,9 @@ def weight_input_axis(node: ir.Node, rank: int) -> int | None:
 
 @dataclass
 class LinearLayer:
-    """A weight every use of which is a 2-D MatMul/Gemm in the main graph with a capturable input."""
+    """A weight every use of which is a 2-D MatMul/Gemm or a one-group 2-D Conv in the main graph with
+    a capturable input. A Conv kernel [O, C, kh, kw] is solved as the matrix [O, C·kh·kw] ("out_in")
+    whose inputs are the patches (``Patches``, kernels/im2col.py)."""
 
     weight: ir.Value
     layout: str  # "in_out" ([in, out]) or "out_in" ([out, in]); see kernels/hessian.py
@@ -327,7 +341,10 @@ def linear_layers(
             if node.graph is not model.graph:
                 reason = "used inside an If/Loop/Scan subgraph, whose values cannot be captured"
             elif node.op_type in ("Conv", "ConvTranspose"):
-                reason = f"{node.op_type}: no calibration solver for convolutions yet (im2col not implemented)"
+                reason = _conv_reason(node, value)
+                if reason is None:
+                    layouts.add("out_in")  # [O, C, kh, kw] solved as [O, C·kh·kw]
+                    inputs.append((node.inputs[0].name, _patches(node, value)))
             elif node.op_type == "MatMul" and len(value.const_value.shape) != 2:
                 reason = f"MatMul weight of rank {len(value.const_value.shape)} (batched), not a 2-D layer"
             elif node.op_type not in ("MatMul", "Gemm"):
@@ -370,7 +387,7 @@ def plan_rounds(layers: Sequence[LinearLayer], rounds: int | str) -> list[list[L
     groups: list[list[LinearLayer]] = []
     seen: dict[tuple, int] = {}
     for layer in layers:
-        key = tuple(sorted(layer.inputs))
+        key = tuple(sorted(layer.inputs, key=repr))  # (name, bool | Patches): not mutually orderable
         if key in seen:
             groups[seen[key]].append(layer)
         else:
@@ -381,6 +398,27 @@ def plan_rounds(layers: Sequence[LinearLayer], rounds: int | str) -> list[list[L
         return []
     bounds = np.linspace(0, len(groups), count + 1).round().astype(int)
     return [[layer for g in groups[a:b] for layer in g] for a, b in itertools.pairwise(bounds)]
+
+
+def _conv_reason(node: ir.Node, value: ir.Value) -> str | None:
+    """Why a Conv / ConvTranspose weight has no layer-wise solver here (None: it has one)."""
+    if node.op_type == "ConvTranspose":
+        return "ConvTranspose: no calibration solver for transposed convolutions"
+    if node.inputs[1] is not value or len(value.const_value.shape) != 4:
+        return "Conv that is not 2-D or does not read this constant as its kernel"
+    if _attr(node, "group", 1) != 1:
+        return f"grouped Conv (group={_attr(node, 'group', 1)})"
+    source = node.inputs[0]
+    if source is None or not source.name or source.const_value is not None:
+        return f"Conv {node.name!r} has no capturable input"
+    return None
+
+
+def _patches(node: ir.Node, value: ir.Value) -> Patches:
+    kernel = tuple(int(k) for k in value.const_value.shape[2:])
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    return Patches(kernel, tuple(_attr(node, "strides", None) or (1, 1)), tuple(_attr(node, "pads", None) or (0, 0, 0, 0)),
+                   tuple(_attr(node, "dilations", None) or (1, 1)), auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
 
 
 def _attr(node: ir.Node, name: str, default=0):

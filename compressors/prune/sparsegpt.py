@@ -7,9 +7,11 @@ remaining weights updated so each layer's output on the calibration data changes
 output re-solved exactly for the chosen mask. Layers are solved in graph order, each round's inputs
 captured from the model with the earlier rounds already pruned (``rounds``). Padding positions
 (zeros of the ``padding_mask`` input, ``attention_mask`` by default) are left out of the statistics.
-Weights the solver cannot reach — inside If/Loop bodies, Conv kernels, shared in two layouts — are
-pruned by magnitude instead (listed under ``fallback`` with the reason); the rest that is left dense
-is listed under ``skipped``. ``output_error`` per tensor is ``||X(W - W')||² / ||XW||²``.
+A one-group 2-D Conv is the same problem over its im2col patches (kernel [O, C, kh, kw] solved as
+[O, C·kh·kw]; kernels/im2col.py). Weights the solver cannot reach — inside If/Loop bodies,
+ConvTranspose kernels, Conv kernels under N:M, shared in two layouts — are pruned by magnitude
+instead (listed under ``fallback`` with the reason); grouped (depthwise) Convs and the rest that is
+left dense are listed under ``skipped``. ``output_error`` per tensor is ``||X(W - W')||² / ||XW||²``.
 
 The loop (``LayerwisePrune``) and the Hessian-based steps around the solver (``ReconstructionPrune``)
 are shared: ``wanda`` and ``admm`` (prune/admm.py, another solver for the same problem) build on them.
@@ -123,8 +125,10 @@ class LayerwisePrune(Pass):
             )
         candidates, skipped = select_weights(model, {"MatMul", "Gemm", "Conv", "ConvTranspose"}, config)
         layers, rest = linear_layers(model, candidates)
-        if config.nm:
+        if config.nm:  # a Conv's N:M groups run over input channels, not its (C, kh, kw) patch rows
             m = config.nm[1]
+            rest += [(layer.weight, "N:M on a Conv kernel") for layer in layers if len(layer.weight.const_value.shape) > 2]
+            layers = [layer for layer in layers if len(layer.weight.const_value.shape) == 2]
             fits = [layer for layer in layers if layer.weight.const_value.shape[layer.in_axis] % m == 0]
             rest += [(layer.weight, f"input dimension is not a multiple of {m}") for layer in layers if layer not in fits]
             layers = fits
@@ -154,14 +158,17 @@ class LayerwisePrune(Pass):
                 self.context.progress(f"{self.name} pruning", done, len(layers))
                 stats = [shared[key] for key in layer.inputs]
                 weights = layer.weight.const_value.numpy()
-                new, extra = self.solve(layer, weights, stats)
-                _store(layer.weight, new, counts)
+                new, extra = self.solve(layer, _matrix(weights), stats)
+                _store(layer.weight, new.reshape(weights.shape), counts)
                 figures[layer.weight.name] = extra
                 rows = max(rows, max(s.rows for s in stats))
                 done += 1
 
         fallback = []
         for value, reason in rest:
+            if reason.startswith("grouped Conv"):  # depthwise: 9 weights per channel, each one matters
+                skipped.append({"tensor": value.name, "reason": f"{reason}: left dense"})
+                continue
             new = _magnitude_fallback(value, config)
             if new is None:
                 skipped.append({"tensor": value.name, "reason": f"{reason}; no N:M fallback for this layout"})
@@ -276,6 +283,11 @@ def _collect(figures: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def _matrix(weights: np.ndarray) -> np.ndarray:
+    """A Conv kernel [O, C, kh, kw] as the [O, C·kh·kw] matrix its patches multiply; 2-D as it is."""
+    return weights.reshape(weights.shape[0], -1) if weights.ndim > 2 else weights
+
+
 def _store(value: ir.Value, new: np.ndarray, counts: dict[str, tuple[int, int]]) -> None:
     value.const_value = ir.Tensor(np.ascontiguousarray(new), name=value.name)
     counts[value.name] = (int(new.size - np.count_nonzero(new)), int(new.size))
@@ -308,8 +320,8 @@ def allocate(model: ir.Model, layers: list[LinearLayer], feeds, masks, config: L
     def by_wanda(value, weights, level):
         layer = by_name[value.name]
         column = np.sqrt(sum(norms[key].norms ** 2 for key in layer.inputs))
-        return np.where(wanda_mask(weights, column, layout=layer.layout, sparsity=level), weights,
-                        np.zeros((), weights.dtype))
+        keep = wanda_mask(_matrix(weights), column, layout=layer.layout, sparsity=level).reshape(weights.shape)
+        return np.where(keep, weights, np.zeros((), weights.dtype))
 
     # Samples spread over the data: compacted feeds are sorted by length.
     sizes = [len(next(iter(f.values()))) for f in feeds]
