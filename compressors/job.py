@@ -82,6 +82,19 @@ def load_datasets(model_path: Path, request: CompressRequest, seed: int):
     return calibration, evaluation
 
 
+def _check_trainable(model, recipe, path) -> None:
+    """A recipe whose `recover` step would meet ops the torch interpreter lacks fails now (exit 2),
+    not after minutes of pruning. Ladders and searches are left to decide per rung."""
+    if recipe.alternatives or recipe.search is not None or not any(p.name == "recover" for p in recipe.every_pass):
+        return
+    from modelpress.compressors.torch_graph import unsupported
+
+    problems = unsupported(model)
+    if problems:
+        raise InputError(f"{path}: the recipe's recover step trains the model in torch, which cannot run it: "
+                         f"{'; '.join(problems)}. Use a recipe without recover (e.g. sparse-50, int8)")
+
+
 def compress(request: CompressRequest, progress: Progress | None = None) -> Report:
     progress = progress or (lambda description, completed, total: None)
     check_output_path(request.model, request.output, request.force)
@@ -103,6 +116,7 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
             )
     model = load_model(request.model)
     quirks = normalize(model)
+    _check_trainable(model, recipe, request.model)
     calibration, evaluation = load_datasets(request.model, request, seed)
     job_notes: list[str] = []
     if recipe.search is not None:

@@ -163,7 +163,18 @@ def _pad(call: Call, x: Tensor, pads=None, value=None, axes=None) -> Tensor:
     mode = call.attr("mode", "constant")
     if mode == "constant":
         return F.pad(x, torch_pads, value=fill)
-    return F.pad(x, torch_pads[: 2 * (x.dim() - 2)], mode={"reflect": "reflect", "edge": "replicate"}[mode])
+    # torch pads the last 1-3 dims of an input with one leading (batch) dim more: fold every dim
+    # before the first padded one into that batch dim (a [batch, samples] audio input pads its last).
+    padded = [d for d in range(x.dim()) if full[d] or full[x.dim() + d]]
+    if not padded:
+        return x
+    k = x.dim() - padded[0]
+    if k > 3:
+        raise NotImplementedError(f"{mode} padding of {k} trailing dims (torch pads at most 3)")
+    lead = x.shape[: x.dim() - k]
+    out = F.pad(x.reshape(-1, *x.shape[x.dim() - k:]), torch_pads[: 2 * k],
+                mode={"reflect": "reflect", "edge": "replicate"}[mode])
+    return out.reshape(*lead, *out.shape[1:])
 
 
 def _check_pad(attrs: dict[str, Any], facts: dict[str, Any]) -> str | None:

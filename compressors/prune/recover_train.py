@@ -49,15 +49,20 @@ class RecoveryTrainer:
         params = [p for _, p in student.trainable]
         zeros = sum(int((p == 0).sum()) for p in params)
         before = self._evaluate(student, data)
-        run = self._train(student, data, weight_reuse(model, student, probe, data))
-        after = self._evaluate(student, data)
+        target = "kd_loss" if data.loss_kind == "kl" else "relative_error"
+        if before[target] == 0 and config.label_weight == 0:  # e.g. every weight was out of the pruner's reach
+            data.notes.append(f"{target} is already 0 (the model matches the teacher on the data): not trained")
+            run = {"epochs": 0, "steps": 0, "seconds": 0.0, "stopped_by_budget": False, "reached": set()}
+            after = before
+        else:
+            run = self._train(student, data, weight_reuse(model, student, probe, data))
+            after = self._evaluate(student, data)
         # Never hand back a model further from the teacher than it came (e.g. one barely pruned,
         # where Adam's first steps are noise): then the weights stay as they were.
-        target = "kd_loss" if data.loss_kind == "kl" else "relative_error"
         improved = after[target] < before[target]
         if improved:
             _write_back(student)
-        else:
+        elif run["steps"]:
             data.notes.append(f"training did not lower {target} ({before[target]} -> {after[target]}): "
                               "weights left as they were")
             after = before

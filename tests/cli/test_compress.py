@@ -221,3 +221,26 @@ def test_minus_one_batch_dim_is_dynamic(tmp_path):
     assert figures["compressed"]["metrics"]["cosine"] > 0.99
     reference = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert reference.shape == (70, 8)
+
+
+def test_recover_on_ops_torch_cannot_run_is_exit_2_before_any_pass(tmp_path):
+    """structured-50 ends with recover; a model with CumSum (no torch kernel here) fails at once with
+    the op named and nothing written (it used to fail with exit 3 after the pruning ran)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(16, 32)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(32, 4)).astype(np.float32), "w2")
+    axis = numpy_helper.from_array(np.array(1, np.int64), "axis")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("CumSum", ["z", "axis"], ["y"], name="running")],
+        "cumsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=[w1, w2, axis])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(32, 16)).astype(np.float32))
+    result, out, report = _compress(tmp_path, tmp_path / "m.onnx", tmp_path / "d.npz", "structured-50")
+    assert result.exit_code == 2, result.output
+    assert "CumSum (node 'running')" in result.output and "without recover" in result.output
+    assert not out.exists() and not report.exists()

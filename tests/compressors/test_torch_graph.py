@@ -247,3 +247,16 @@ def test_unsupported_attributes_are_named():
                   [("y", F32)], {"w": x(2, 2, 3, 3)})
     with pytest.raises(ValueError, match="ConvTranspose node 'ConvTranspose_y': the output_shape attribute"):
         TorchGraph(proto)
+
+
+@pytest.mark.parametrize("shape, pads", [
+    ((2, 100), [0, 0, 0, 7]),                        # silero-vad: [batch, samples], reflect the end
+    ((2, 3, 10), [0, 0, 2, 0, 0, 3]),                # last dim of a 3-D input
+    ((2, 3, 6, 5), [0, 0, 1, 2, 0, 0, 3, 1]),        # last two dims of an image
+    ((3, 6, 5), [0, 1, 2, 0, 3, 1]),                 # last two dims, no batch dim
+    ((2, 9), [1, 2, 0, 3]),                          # every dim of a 2-D input
+])
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+def test_reflect_and_edge_pad_on_any_rank(shape, pads, mode):
+    check([node("Pad", ["a", "pads"], ["y"], mode=mode)], {"a": x(*shape)}, [("y", TensorProto.FLOAT)],
+          {"pads": np.array(pads, np.int64)})
