@@ -16,6 +16,8 @@ measures its gates (the shipped size by the shared encode pass; latency only whe
 is set). Work that cannot help is not spent:
 * after a rung's prune stage (pruning and its recovery) a quality gate that already fails ends the
   rung: its quantize stage (k-means, GPTQ, another recovery: the costly part) only adds error;
+* a rung that changed nothing (no pass modified the model: every weight out of its reach, as int4
+  on a CNN) is not kept while a later rung remains, though its quality gates trivially hold;
 * a rung with ``max_seconds`` ends once it has run that long (checked whenever a pass reports
   progress, and between passes), for pipelines hopeless on large models, e.g. per-layer pruning
   sensitivity measured by one inference over the data per weight and level.
@@ -179,8 +181,12 @@ def _attempt(recipe, index: int, model: ir.Model, context, judge: _Judge, entry:
     finally:
         entry.update(ran=list(ran), seconds=round(time.monotonic() - started, 3))
     passed = all(g.passed for g in gates)
-    entry.update(figures, status="passed" if passed else "missed",
-                 reason=None if passed else f"finished, but {_misses([g for g in gates if not g.passed])}")
+    reason = None if passed else f"finished, but {_misses([g for g in gates if not g.passed])}"
+    if passed and not last and not any(r.modified for r in records):
+        # Its gates hold only because it changed nothing (every weight out of its passes' reach, e.g.
+        # int4 on a CNN): a later rung that compresses is what the user asked for.
+        passed, reason = False, "changed nothing (no pass modified the model); the next alternative was tried"
+    entry.update(figures, status="passed" if passed else "missed", reason=reason)
     return _Finished(index, model, records, passed, sum(shortfall(g) for g in gates))
 
 

@@ -199,3 +199,15 @@ def test_without_data_a_ladder_of_calibrating_rungs_is_refused(tmp_path, zoo_mod
     with pytest.raises(InputError, match=r"quantize/int4, quantize/kmeans calibrate on real inputs; pass --data"):
         _run_without_data(tmp_path, zoo_models("mlp"), str(recipe), "all")
     assert not (tmp_path / "all.onnx").exists()
+
+
+def test_a_rung_that_changes_nothing_is_not_kept(tmp_path, zoo_models, digits_npz):
+    """int4 only reaches MatMul / Gemm weights, so on a CNN whose layers are all below its min_elements
+    it changes nothing and trivially meets a quality gate: the ladder goes on to a rung that compresses."""
+    model, data = zoo_models("cnn"), digits_npz("cnn")
+    nothing = "  - name: nothing\n    quantize:\n      - {type: int4, min_elements: 100000000}\n"
+    report, output = _run(tmp_path, model, data, _ladder(nothing, INT8, gates="max_accuracy_drop: 0.02"))
+    first, int8 = report.alternatives["tried"]
+    assert first["status"] == "missed" and "changed nothing" in first["reason"]
+    assert report.alternatives["chosen"] == "int8" and int8["status"] == "passed"
+    assert report.compressed.size_bytes < 0.5 * report.original.size_bytes
