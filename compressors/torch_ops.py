@@ -270,4 +270,4 @@ def _if(call: Call, cond: Tensor) -> list[Tensor]:
     return call.run_graph("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
 
 
-from modelpress.compressors import torch_nn_ops, torch_shape_ops  # noqa: E402,F401  (register their ops)
+from modelpress.compressors import torch_nn_ops, torch_rnn_ops, torch_shape_ops  # noqa: E402,F401  (register their ops)

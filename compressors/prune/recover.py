@@ -40,7 +40,7 @@ from modelpress.compressors.selection import matches
 TRAINABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "MatMul": (0, 1), "Gemm": (0, 1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2), "Gather": (0,),
     "LayerNormalization": (1, 2), "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2),
-    "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "PRelu": (1,),
+    "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "PRelu": (1,), "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3),
 }
 # Without ``epochs``: enough passes for this many optimizer steps, so a small --data set is not
 # under-trained (digits MLP at 90 % sparsity: 1347 samples x 40 epochs or 512 x 120 both recover).

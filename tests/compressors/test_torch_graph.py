@@ -260,3 +260,36 @@ def test_unsupported_attributes_are_named():
 def test_reflect_and_edge_pad_on_any_rank(shape, pads, mode):
     check([node("Pad", ["a", "pads"], ["y"], mode=mode)], {"a": x(*shape)}, [("y", TensorProto.FLOAT)],
           {"pads": np.array(pads, np.int64)})
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("extras", [(), ("B", "", "h0", "c0", "P")])
+def test_lstm_matches_onnxruntime(direction, extras):
+    dirs, seq, batch, size, hidden = (2 if direction == "bidirectional" else 1), 5, 3, 4, 6
+    inits = {"W": x(dirs, 4 * hidden, size) * 0.5, "R": x(dirs, 4 * hidden, hidden) * 0.5,
+             "B": x(dirs, 8 * hidden) * 0.1, "P": x(dirs, 3 * hidden) * 0.3}
+    states = {"h0": x(dirs, batch, hidden), "c0": x(dirs, batch, hidden)}
+    inputs = {"X": x(seq, batch, size)}
+    inputs.update({k: v for k, v in states.items() if k in extras})
+    ins = ["X", "W", "R", *extras]
+    lstm = node("LSTM", ins, ["Y", "Y_h", "Y_c"], hidden_size=hidden, direction=direction)
+    check([lstm], inputs, [("Y", TensorProto.FLOAT), ("Y_h", TensorProto.FLOAT), ("Y_c", TensorProto.FLOAT)],
+          {k: v for k, v in inits.items() if k in ins}, opset=14)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("before_reset", [0, 1])
+def test_gru_matches_onnxruntime(direction, before_reset):
+    dirs, hidden = (2 if direction == "bidirectional" else 1), 5
+    inits = {"W": x(dirs, 3 * hidden, 4) * 0.5, "R": x(dirs, 3 * hidden, hidden) * 0.5, "B": x(dirs, 6 * hidden) * 0.1}
+    gru = node("GRU", ["X", "W", "R", "B", "", "h0"], ["Y", "Y_h"], hidden_size=hidden, direction=direction,
+               linear_before_reset=before_reset)
+    check([gru], {"X": x(7, 2, 4), "h0": x(dirs, 2, hidden)}, [("Y", TensorProto.FLOAT), ("Y_h", TensorProto.FLOAT)],
+          inits, opset=14)
+
+
+def test_lstm_with_clip_is_refused_by_name():
+    model = graph([node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=2, clip=1.0)], {"X": x(3, 1, 2)},
+                  [("Y", TensorProto.FLOAT)], {"W": x(1, 8, 2), "R": x(1, 8, 2)})
+    with pytest.raises(ValueError, match="LSTM node 'LSTM_Y': clip is not supported"):
+        TorchGraph(model)
