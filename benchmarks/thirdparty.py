@@ -1,0 +1,331 @@
+"""Shipped recipes on real third-party ONNX models that PyPI wheels carry (OCR, VAD, YOLOv8n).
+
+    pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2   # once, beforehand
+    python benchmarks/thirdparty.py                          # every model x the default recipes
+    python benchmarks/thirdparty.py --models cls,vad --recipes int8,fp16 --no-write
+
+Nothing is downloaded at run time: the models are the .onnx files inside those three wheels, found
+through their installed locations without importing the packages (they would pull in cv2 etc.), so
+`--no-deps` is enough. A missing package exits 2 with the pip line above.
+
+For each model this script
+1. writes seeded synthetic inputs that look a little like the real thing: text-like stroke lines on
+   white for PP-OCR (normalized as PaddleOCR does), bright rectangles on a textured background for
+   YOLOv8n, tone bursts and speech-like noise for silero-vad (a folder of complete feeds with its
+   zero state and a 0-d `sr`); 16 samples per model, 8 for the 320x320 detectors,
+2. runs `modelpress compress MODEL --recipe R --data DATA ...` as a subprocess per recipe and reads
+   its report (exit code, size and p50 latency against the original, fidelity metrics), keeping the
+   last stderr line of an exit 2 / 3,
+3. runs onnxruntime's `quantize_dynamic` (default settings, per_channel=False) as a comparison row,
+   timed against the original the way the CLI times (time_in_turns, same threads, warm-up, runs),
+   recording a crash, an unloadable or unrunnable result as such.
+
+It prints one table and replaces the `thirdparty` section of benchmarks/RESULTS.md. It is a
+benchmark, not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import compare_int8 as common  # noqa: E402
+from common import markdown_table, replace_section, text_table  # noqa: E402
+
+from modelpress.compressors.benchmark import make_session, time_in_turns  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- thirdparty:begin -->", "<!-- thirdparty:end -->"
+PIP = "pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2"
+RECIPES = "int8,int8-static,fp16,sparse-50,structured-50,deep-compression"
+# short name -> (package, file inside it, data kind)
+MODELS = {
+    "ocr-cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "cls"),
+    "ocr-rec": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", "rec"),
+    "ocr-det": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx", "det"),
+    "silero-vad": ("silero_vad", "data/silero_vad.onnx", "vad"),
+    "silero-vad-op18": ("silero_vad", "data/silero_vad_op18_ifless.onnx", "vad"),
+    "yolov8n-320": ("nudenet", "320n.onnx", "yolo"),
+}
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def locate(package: str, member: str) -> Path:
+    """The model file inside an installed package, without importing it."""
+    spec = importlib.util.find_spec(package)
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / member).is_file():
+            return Path(root) / member
+    raise FileNotFoundError(f"{package}/{member}")
+
+
+
+def text_lines(rng, h: int, w: int, lines: int) -> np.ndarray:
+    """uint8-range HxWx3 image: light paper, `lines` rows of dark stroke "characters", noise."""
+    img = np.full((h, w), 235.0, np.float32) + rng.uniform(-15, 15)
+    height = max(8, h // (lines + 1) - 4)
+    for k in range(lines):
+        y = int(rng.integers(2, h - height - 1)) if lines > 1 else (h - height) // 2
+        x = int(rng.integers(2, 12))
+        while x < w - 16:
+            cw = int(rng.integers(height // 2, height + 2))
+            ink = rng.uniform(10, 80)
+            for _ in range(int(rng.integers(2, 5))):  # a few horizontal / vertical strokes per glyph
+                t = int(rng.integers(1, 3))
+                if rng.random() < 0.5:
+                    r = y + int(rng.integers(0, height - t))
+                    img[r:r + t, x:x + cw] = ink
+                else:
+                    c = x + int(rng.integers(0, max(1, cw - t)))
+                    img[y:y + height, c:c + t] = ink
+            x += cw + int(rng.integers(2, 7)) + (int(rng.integers(8, 20)) if rng.random() < 0.15 else 0)
+    img = np.stack([img * rng.uniform(0.95, 1.05) for _ in range(3)])
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.float32)
+
+
+def yolo_image(rng, size: int) -> np.ndarray:
+    """[3, size, size] in [0, 1]: smooth texture plus a few bright coloured rectangles."""
+    low = rng.random((3, size // 16, size // 16)).astype(np.float32)
+    img = 0.2 + 0.4 * low.repeat(16, axis=1).repeat(16, axis=2) + rng.normal(0, 0.04, (3, size, size))
+    for _ in range(int(rng.integers(2, 6))):
+        y, x = rng.integers(0, size - 40, 2)
+        hh, ww = rng.integers(24, size // 2, 2)
+        img[:, y:y + hh, x:x + ww] = rng.uniform(0.7, 1.0, (3, 1, 1))
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def audio(rng, i: int, n: int = 512, sr: int = 16000) -> np.ndarray:
+    """A harmonic tone burst (even i) or pitched, low-passed speech-like noise (odd i)."""
+    t = np.arange(n) / sr
+    f0 = rng.uniform(100, 300)
+    if i % 2 == 0:
+        env = np.hanning(n) * rng.uniform(0.2, 0.6)
+        x = env * sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3))
+    else:
+        pulses = (np.sin(2 * np.pi * f0 * t) > 0.95).astype(float)
+        noise = np.convolve(rng.normal(0, 1, n) + 4 * pulses, np.ones(6) / 6, mode="same")
+        x = 0.1 * noise * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 6)))
+    return (x + rng.normal(0, 0.005, n)).astype(np.float32)[None]
+
+
+def write_data(kind: str, work: Path, seed: int) -> tuple[Path, list[dict]]:
+    """The --data path for the CLI and the same samples as batch-1 feeds for timing here."""
+    rng = np.random.default_rng(seed)
+    if kind == "vad":
+        (folder := work / "vad").mkdir(exist_ok=True)
+        feeds = [{"input": audio(rng, i), "state": np.zeros((2, 1, 128), np.float32),
+                  "sr": np.array(16000, np.int64)} for i in range(16)]
+        for i, feed in enumerate(feeds):
+            np.savez(folder / f"{i:02d}.npz", **feed)
+        return folder, feeds
+    if kind in ("cls", "rec"):
+        w = 192 if kind == "cls" else 320
+        x = np.stack([text_lines(rng, 48, w, 1) for _ in range(16)])
+        x, name = (x / 255 - 0.5) / 0.5, "x"
+    elif kind == "det":
+        x = np.stack([text_lines(rng, 320, 320, int(rng.integers(3, 7))) for _ in range(8)])
+        x, name = (x / 255 - IMAGENET_MEAN) / IMAGENET_STD, "x"
+    else:
+        x, name = np.stack([yolo_image(rng, 320) for _ in range(8)]), "images"
+    x, path = x.astype(np.float32), work / f"{kind}.npz"
+    np.savez(path, **{name: x})
+    return path, [{name: x[i:i + 1]} for i in range(len(x))]
+
+
+
+def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int) -> dict:
+    out = work / f"{model.stem}.{recipe}.onnx"
+    report = out.with_suffix(".json")
+    command = [sys.executable, "-m", "modelpress", "compress", str(model), "--recipe", recipe, "--data",
+               str(data), "--output", str(out), "--report-json", str(report), "--quiet", "--force"]
+    row = {"recipe": recipe, "command": shlex.join(["modelpress", *command[3:]])}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        row["exit"] = done.returncode
+    except subprocess.TimeoutExpired:
+        row.update(exit="timeout", note=f"killed after {timeout} s")
+        done = None
+    row["seconds"] = time.perf_counter() - start
+    if done is not None and done.returncode not in (0, 1):
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        row["note"] = " ".join(lines[-1].split())[:240]
+        row["stderr"] = done.stderr
+    if done is not None and done.returncode in (0, 1) and report.exists():
+        r = json.loads(report.read_text())
+        o, c = r["original"], r["compressed"]
+        row["size"] = c["size_bytes"] / o["size_bytes"]
+        row["latency"] = c["latency_ms"]["p50"] / o["latency_ms"]["p50"]
+        row["metrics"] = c.get("metrics") or {}
+        if done.returncode == 1:
+            missed = [g["name"] for g in r.get("gates", []) if not g.get("passed", True)]
+            row["note"] = "gate missed: " + ", ".join(missed)
+    return row
+
+
+def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
+    """Mean per-sample cosine of output 0, and top-1 agreement for [N, classes] scores."""
+    cos = []
+    for a, b in zip(reference, outputs):
+        a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+        denom = np.linalg.norm(a) * np.linalg.norm(b)
+        cos.append(float(a @ b / denom) if denom else float(np.array_equal(a, b)))
+    metrics = {"cosine": float(np.mean(cos))}
+    if reference[0].ndim == 2 and reference[0].shape[1] > 1:
+        metrics["agreement"] = float(np.mean([(a.argmax(-1) == b.argmax(-1)).mean()
+                                              for a, b in zip(reference, outputs)]))
+    return metrics
+
+
+def run_ort_dynamic(model: Path, feeds: list[dict], work: Path, args) -> dict:
+    from onnxruntime.quantization import quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice on every model
+    out = work / f"{model.stem}.ort-dynamic.onnx"
+    row = {"recipe": "ORT quantize_dynamic", "exit": "—"}
+    start = time.perf_counter()
+    try:
+        quantize_dynamic(model, out, per_channel=False)
+    except Exception as error:  # whatever it raises is the finding
+        row.update(seconds=time.perf_counter() - start, note=f"crashed: {type(error).__name__}: {common.reason(error)}")
+        return row
+    row["seconds"] = time.perf_counter() - start
+    try:
+        original, quantized = make_session(model, args.threads), make_session(out, args.threads)
+    except Exception as error:
+        row["note"] = f"unloadable: {common.reason(error)}"
+        return row
+    try:
+        got = [quantized.run(None, f)[0] for f in feeds]
+    except Exception as error:
+        row["note"] = f"fails at run: {common.reason(error)}"
+        return row
+    reference = [original.run(None, f)[0] for f in feeds]
+    times = time_in_turns([original, quantized], feeds, args.runs, args.warmup)
+    row.update(size=out.stat().st_size / model.stat().st_size,
+               latency=float(np.percentile(times[1], 50) / np.percentile(times[0], 50)),
+               metrics=fidelity(reference, got))
+    return row
+
+
+COLUMNS = ("model", "recipe", "exit", "size / orig", "p50 / orig", "cosine", "agreement", "seconds", "note")
+
+
+def table_rows(results: dict[str, list[dict]]) -> list[list[str]]:
+    table = []
+    for name, rows in results.items():
+        for r in rows:
+            m = r.get("metrics", {})
+            cos, agree = m.get("cosine"), m.get("agreement")
+            table.append([name, r["recipe"], str(r.get("exit", "—")),
+                          f"{r['size']:.3f}" if "size" in r else "—", f"{r['latency']:.2f}" if "latency" in r else "—",
+                          f"{cos:.4f}" if cos is not None else "—", f"{agree:.3f}" if agree is not None else "—",
+                          f"{r['seconds']:.0f}" if "seconds" in r else "—", r.get("note", "")])
+    return table
+
+
+def markdown(table, env: dict, command: str, models: dict[str, Path], args) -> str:
+    isa = ", ".join(env["isa"]) or "none"
+    files = ", ".join(f"`{n}` = {MODELS[n][0]}/{MODELS[n][1]}" for n in models)
+    lines = [
+        BEGIN,
+        "## Third-party models from PyPI wheels",
+        "",
+        f"Generated by `benchmarks/thirdparty.py` on {datetime.date.today().isoformat()} (commit {env['commit']}):",
+        "",
+        "```",
+        f"{PIP}   # beforehand",
+        command,
+        "```",
+        "",
+        (f"- Machine: {env['cpu']}, {env['cores']} cores, ISA: {isa} (AVX2 without VNNI: int8 kernels gain "
+         f"little here); 1-minute load average at start {env['load_avg_1m']:.2f}."),
+        f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}.",
+        f"- Models: {files}.",
+        ("- Data: seeded synthetic inputs (16 samples; 8 for the 320x320 detectors): stroke-line \"text\" on "
+         "light paper for PP-OCR ((x/255 - 0.5)/0.5 for cls/rec, ImageNet mean/std for det), bright rectangles "
+         "on texture in [0, 1] for YOLOv8n, tone bursts / speech-like noise with zero state for silero-vad. "
+         "No labels: fidelity is to the original (mean per-sample cosine; top-1 agreement for [N, classes])."),
+        ("- modelpress rows: `modelpress compress MODEL --recipe R --data DATA -o OUT --report-json R.json "
+         "--quiet --force`, figures from its report (latency: the CLI's batch-1 p50, the two models in turns). "
+         "ORT rows: `quantize_dynamic(per_channel=False)` with default settings, timed here the same way "
+         f"({args.threads} threads, {args.warmup} warm-ups, {args.runs} runs, {common.TURNS})."),
+        "- exit: 0 ok, 1 gate missed (outputs written and measured), 2 bad input, 3 internal fault (note: last stderr line).",
+        "",
+        *markdown_table(COLUMNS, table),
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--recipes", default=RECIPES, help=f"comma-separated (default {RECIPES})")
+    parser.add_argument("--no-ort", action="store_true", help="skip the ORT quantize_dynamic rows")
+    parser.add_argument("--threads", type=int, default=2, help="ORT rows: intra-op threads (the recipes' own: 2)")
+    parser.add_argument("--runs", type=int, default=50, help="ORT rows: timed runs (as the recipes' benchmark)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per modelpress run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, help="keep the data, outputs and reports here")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args(argv)
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if unknown := [n for n in names if n not in MODELS]:
+        print(f"error: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    models = {}
+    for name in names:
+        try:
+            models[name] = locate(*MODELS[name][:2])
+        except FileNotFoundError as missing:
+            print(f"error: {missing} not found; install the wheels first:\n  {PIP}", file=sys.stderr)
+            return 2
+    env = common.machine()
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="thirdparty_") as tmp:
+        root = args.work_dir or Path(tmp)
+        for name, model in models.items():
+            work = root / name
+            work.mkdir(parents=True, exist_ok=True)
+            data, feeds = write_data(MODELS[name][2], work, args.seed)
+            results[name] = []
+            for recipe in recipes:
+                print(f"[{name}] {recipe} ...", file=sys.stderr, flush=True)
+                results[name].append(row := run_recipe(model, recipe, data, work, args.timeout))
+                if "stderr" in row:
+                    print(f"  exit {row['exit']}: {row['command']}\n  {row['note']}", file=sys.stderr)
+                print("  " + " | ".join(table_rows({name: [row]})[0][2:]), file=sys.stderr, flush=True)
+                if not args.no_write:  # after every row, so an interrupted run leaves what it measured
+                    replace_section(args.results, BEGIN, END, markdown(table_rows(results), env, command, models, args))
+            if not args.no_ort:
+                print(f"[{name}] ORT quantize_dynamic ...", file=sys.stderr, flush=True)
+                results[name].append(run_ort_dynamic(model, feeds, work, args))
+    print(text_table(COLUMNS, table_rows(results)))
+    if not args.no_write:
+        replace_section(args.results, BEGIN, END, markdown(table_rows(results), env, command, models, args))
+        print(f"wrote {os.path.relpath(args.results)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
