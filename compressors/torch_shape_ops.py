@@ -223,3 +223,32 @@ def _check_constant(attrs: dict[str, Any], facts: dict[str, Any]) -> str | None:
 
 
 CHECKS["Constant"] = _check_constant
+
+
+@op("Resize")
+def _resize(call: Call, x: Tensor, roi=None, scales=None, sizes=None) -> Tensor:
+    """Nearest upsampling by whole factors (YOLO's and PP-OCR's FPN): each pixel repeated. For whole
+    factors ``asymmetric``/``floor`` and the default ``half_pixel``/``round_prefer_floor`` both pick
+    that pixel; anything else is refused by ``_check_resize`` or here."""
+    if sizes is not None and sizes.numel():
+        factors = [out / size for out, size in zip(ints(sizes), x.shape)]
+    else:
+        factors = [float(v) for v in scales.reshape(-1).tolist()]
+    if any(f != int(f) or f < 1 for f in factors):
+        raise NotImplementedError(f"Resize {call.name!r}: factors {factors} are not whole upsampling factors")
+    for axis, factor in enumerate(factors):
+        if factor != 1:
+            x = x.repeat_interleave(int(factor), dim=axis)
+    return x
+
+
+def _check_resize(attrs: dict[str, Any], facts: dict[str, Any]) -> str | None:
+    mode = attrs.get("mode", "nearest")
+    pair = (attrs.get("coordinate_transformation_mode", "half_pixel"), attrs.get("nearest_mode", "round_prefer_floor"))
+    if mode != "nearest" or pair not in {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"),
+                                         ("asymmetric", "round_prefer_floor")}:
+        return f"mode {mode!r} with {pair} is not supported (nearest upsampling by whole factors only)"
+    return None
+
+
+CHECKS["Resize"] = _check_resize

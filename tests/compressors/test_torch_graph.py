@@ -293,3 +293,21 @@ def test_lstm_with_clip_is_refused_by_name():
                   [("Y", TensorProto.FLOAT)], {"W": x(1, 8, 2), "R": x(1, 8, 2)})
     with pytest.raises(ValueError, match="LSTM node 'LSTM_Y': clip is not supported"):
         TorchGraph(model)
+
+
+@pytest.mark.parametrize("ctm, nearest", [("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")])
+@pytest.mark.parametrize("by_sizes", [False, True])
+def test_nearest_resize_by_whole_factors(ctm, nearest, by_sizes):
+    """YOLOv8's and PP-OCR's FPN upsampling (nearest, x2) matches onnxruntime; bilinear is refused."""
+    inits = {"roi": np.zeros(0, np.float32)}
+    if by_sizes:
+        inits.update(scales=np.zeros(0, np.float32), sizes=np.array([2, 3, 8, 12], np.int64))
+    else:
+        inits["scales"] = np.array([1, 1, 2, 3], np.float32)
+    resize = node("Resize", ["a", "roi", "scales", *(["sizes"] if by_sizes else [])], ["y"], mode="nearest",
+                  coordinate_transformation_mode=ctm, nearest_mode=nearest)
+    check([resize], {"a": x(2, 3, 4, 4)}, [("y", TensorProto.FLOAT)], inits)
+    linear = graph([node("Resize", ["a", "roi", "scales"], ["y"], mode="linear")], {"a": x(1, 1, 2, 2)},
+                   [("y", TensorProto.FLOAT)], {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)})
+    with pytest.raises(ValueError, match="Resize node 'Resize_y': mode 'linear'"):
+        TorchGraph(linear)
