@@ -229,15 +229,15 @@ def test_kmeans_lookup_runs_and_trains_the_codebook(tmp_path):
 
 def test_unsupported_ops_are_all_named_at_once():
     proto = graph([node("TopK", ["a", "k"], ["v", "i"]), node("Relu", ["v"], ["r"]),
-                   node("TopK", ["r", "k"], ["v2", "i2"]), node("Resize", ["a", "", "scales"], ["rs"])],
+                   node("TopK", ["r", "k"], ["v2", "i2"]), node("CumSum", ["a", "axis"], ["rs"])],
                   {"a": x(2, 4)}, [("v2", F32), ("rs", F32)],
-                  {"k": np.array([2], np.int64), "scales": np.array([1, 2], np.float32)})
+                  {"k": np.array([2], np.int64), "axis": np.array(1, np.int64)})
     custom = helper.make_node("FusedThing", ["a"], ["z"], name="fused", domain="com.example")
     proto.graph.node.append(custom)
     with pytest.raises(ValueError) as error:
         TorchGraph(proto)
     message = str(error.value)
-    for part in ("TopK (nodes 'TopK_v', 'TopK_v2')", "Resize (node 'Resize_rs')", "com.example.FusedThing (node 'fused')"):
+    for part in ("TopK (nodes 'TopK_v', 'TopK_v2')", "CumSum (node 'CumSum_rs')", "com.example.FusedThing (node 'fused')"):
         assert part in message
     assert "Relu" not in message
 
