@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.compressors.torch_ops import CHECKS, Call, Tensor, op
+from modelpress.kernels.im2col import same_pads
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -27,13 +28,7 @@ def _pads(call: Call, spatial, kernel, strides, dilations) -> tuple[list[int], l
     if auto == "VALID":
         return [0] * nd, [0] * nd
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations):
-            total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)  # UPPER puts the extra pad at the end
-            ends.append(big if auto == "SAME_UPPER" else small)
-        return begins, ends
+        return same_pads(spatial, kernel, strides, dilations, auto == "SAME_UPPER")
     pads = call.attr("pads") or [0] * (2 * nd)
     return list(pads[:nd]), list(pads[nd:])
 

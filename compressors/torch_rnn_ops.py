@@ -24,10 +24,10 @@ def _directions(call: Call) -> list[bool]:
     return {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[call.attr("direction", "forward")]
 
 
-def _prepare(call: Call, x: Tensor, lengths: Tensor | None) -> Tensor:
+def _check_lengths(call: Call, x: Tensor, lengths: Tensor | None) -> None:
+    """Shorter sequences would need per-sample masking of the steps: refused by name at run time."""
     if lengths is not None and bool((lengths != x.shape[0]).any()):
         raise NotImplementedError(f"{call.op_type} {call.name!r}: sequences shorter than the input (sequence_lens)")
-    return x
 
 
 def _finish(call: Call, ys: list[Tensor], states: list[list[Tensor]]) -> tuple[Tensor, ...]:
@@ -38,7 +38,7 @@ def _finish(call: Call, ys: list[Tensor], states: list[list[Tensor]]) -> tuple[T
 @op("LSTM")
 def _lstm(call: Call, x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, lengths: Tensor | None = None,
           h0: Tensor | None = None, c0: Tensor | None = None, p: Tensor | None = None) -> tuple[Tensor, ...]:
-    x = _prepare(call, x, lengths)
+    _check_lengths(call, x, lengths)
     hidden, batch = r.shape[-1], x.shape[1]
     ys, hs, cs = [], [], []
     for d, backwards in enumerate(_directions(call)):
@@ -68,7 +68,7 @@ def _lstm(call: Call, x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, 
 @op("GRU")
 def _gru(call: Call, x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, lengths: Tensor | None = None,
          h0: Tensor | None = None) -> tuple[Tensor, ...]:
-    x = _prepare(call, x, lengths)
+    _check_lengths(call, x, lengths)
     hidden, batch = r.shape[-1], x.shape[1]
     before_reset = bool(call.attr("linear_before_reset", 0))
     ys, hs = [], []

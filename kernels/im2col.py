@@ -44,11 +44,17 @@ class Patches:
             return self.pads
         if self.auto_pad == "VALID":
             return (0, 0, 0, 0)
-        before, after = [], []
-        for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            first, second = (small, large) if self.auto_pad == "SAME_UPPER" else (large, small)
-            before.append(first)
-            after.append(second)
+        before, after = same_pads(spatial, self.kernel, self.strides, self.dilations, self.auto_pad == "SAME_UPPER")
         return (before[0], before[1], after[0], after[1])
+
+
+def same_pads(spatial, kernel, strides, dilations, upper: bool) -> tuple[list[int], list[int]]:
+    """ONNX ``auto_pad`` SAME_UPPER / SAME_LOWER: (begins, ends) per spatial axis so that the output
+    is ceil(size / stride); UPPER puts the odd pixel at the end."""
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return begins, ends

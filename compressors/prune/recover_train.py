@@ -197,10 +197,10 @@ def weight_reuse(model: ir.Model, student: TorchGraph, probe: dict, data: Traini
     per_token = probe[data.mask_input].shape[1] if data.mask_input in probe else 1
     reuse: dict[int, float] = {}
     for value, param in student.trainable:
-        uses = [(node, index) for node, index in value.uses()]
+        uses = list(value.uses())
         if len(uses) != 1:
             continue
-        node, index = uses[0]
+        node, index = uses[0].node, uses[0].idx
         if node.op_type in ("Conv", "ConvTranspose") and index == 1:
             measured = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
             shape = shapes.get(measured.name)
