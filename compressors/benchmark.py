@@ -374,5 +374,10 @@ def preflight(original: ModelSource, dataset: Dataset, threads: int = 1, output:
     where = f"{dataset.source} feed 0"
     with _blame_data(original, where):
         first = _run(session, dataset.feeds[0], index, where)
+    if first.dtype.kind == "f" and np.isnan(first).any():  # every cosine, agreement and gate would be noise
+        name = session.get_outputs()[index].name
+        raise InputError(f"{_name(original)} gives NaN in output {name!r} on {where} ({int(np.isnan(first).sum())} "
+                         f"of {first.size} values): check the data's preprocessing (dtype, scale, layout) "
+                         "against what the model expects, or the model itself")
     if dataset.labels is not None:
         _Accuracy(dataset).add(0, first, session.get_outputs()[index].name)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.fold import fold_weight_layouts
@@ -68,6 +68,15 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
 def normalize(model: ir.Model) -> list[str]:
     """Make exporter quirks uniform in place; return a note for each quirk found."""
     quirks: list[str] = []
+    # IR < 4 lists every initializer as a graph input too (the classic ONNX model zoo files). As an
+    # input it is a default a caller could override, so no pass may treat it as a weight: left so,
+    # every recipe would compress nothing and still pass its gates.
+    listed = [v.name for v in model.graph.inputs if v.name in model.graph.initializers]
+    if listed:
+        RemoveInitializersFromInputsPass()(model)
+        model.ir_version = max(model.ir_version or 0, 4)  # IR 3 requires initializers among the inputs
+        quirks.append(f"{len(listed)} initializer(s) were also listed as graph inputs (IR < 4 style); "
+                      "they are treated as weights and no longer inputs of the output model")
     constants = [
         node
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
@@ -182,10 +191,18 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide the output from a CI job's other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fits_in_protobuf(model: ir.Model) -> bool:

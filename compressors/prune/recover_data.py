@@ -317,12 +317,16 @@ def _poolable(feeds: Sequence[Feed], teacher: TeacherOutputs) -> bool:
     # Independent samples commute with reordering: the reversed every-other sub-batch must give
     # the same rows (catches a time or sequence axis first, and fixed batch sizes).
     first, n = feeds[0], teacher.outputs[0].shape[0]
-    if n < 2:
+    if n >= 2:
+        rows = np.arange(n)[::-1][::2].copy()
+        probe_feed, expected = {name: a[rows] for name, a in first.items()}, teacher.outputs[0][rows]
+    elif len(feeds) >= 2:  # one sample per feed: two feeds stacked must run (a batch fixed at 1 does not)
+        probe_feed = {name: np.concatenate([feeds[1][name], a]) for name, a in first.items()}
+        expected = np.concatenate([teacher.outputs[1], teacher.outputs[0]])
+    else:
         return True
-    rows = np.arange(n)[::-1][::2].copy()
     try:
-        probe = teacher.run_first({name: a[rows] for name, a in first.items()})
+        probe = teacher.run_first(probe_feed)
     except Exception:
         return False  # e.g. a fixed batch dimension
-    expected = teacher.outputs[0][rows]
     return probe.shape == expected.shape and np.allclose(probe, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(expected).max())))

@@ -109,3 +109,14 @@ def test_decode_rejects_garbage(tmp_path):
     result = _run("decode", junk, "-o", tmp_path / "x.onnx")
     _assert_clean_failure(result, 2, "junk.mpk")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_nan_from_the_original_on_the_data(tmp_path, tiny_model_path):
+    """NaN inputs (or a model that makes NaN) would make every metric and gate noise: exit 2, named."""
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    x[0, 3] = np.nan
+    np.savez(tmp_path / "d.npz", input=x)
+    out = tmp_path / "out.onnx"
+    result = _run("compress", tiny_model_path, "--data", tmp_path / "d.npz", "-o", out)
+    _assert_clean_failure(result, 2, "NaN in output 'logits'", "feed 0", "preprocessing")
+    assert not out.exists()

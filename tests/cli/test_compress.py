@@ -244,3 +244,54 @@ def test_recover_on_ops_torch_cannot_run_is_exit_2_before_any_pass(tmp_path):
     assert result.exit_code == 2, result.output
     assert "CumSum (node 'running')" in result.output and "without recover" in result.output
     assert not out.exists() and not report.exists()
+
+
+def _initializers_as_inputs(path, out, batch: int | None = None) -> None:
+    """The model with every initializer also listed as a graph input — IR 3 files of the ONNX model zoo,
+    torch's ``keep_initializers_as_inputs=True`` — and optionally a batch fixed at ``batch``."""
+    model = onnx.load(path)
+    listed = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in listed:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    if batch is not None:
+        for value in (model.graph.input[0], model.graph.output[0]):
+            value.type.tensor_type.shape.dim[0].Clear()
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.save(model, out)
+
+
+def test_initializers_listed_as_inputs_are_compressed(tmp_path, zoo_models, digits_npz):
+    """Such initializers used to count as run-time inputs: every recipe compressed nothing and passed."""
+    _initializers_as_inputs(zoo_models("cnn"), tmp_path / "m.onnx")
+    result, out, report = _compress(tmp_path, tmp_path / "m.onnx", digits_npz("cnn"), "int8")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert (tmp_path / "m.onnx").stat().st_size / out.stat().st_size >= 3.5
+    assert figures["original"]["metrics"]["accuracy"] - figures["compressed"]["metrics"]["accuracy"] <= 0.01
+    written = onnx.load(out)
+    assert [i.name for i in written.graph.input] == ["input"]
+    onnx.checker.check_model(written)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_recover_on_a_batch_fixed_at_one(tmp_path, zoo_models, digits_npz):
+    """A model whose batch is fixed at 1 gets one feed per sample; recover must not stack them into
+    batches ORT rejects (it used to fail with exit 3: "Got: 8 Expected: 1")."""
+    _initializers_as_inputs(zoo_models("mlp"), tmp_path / "m.onnx", batch=1)
+    data = np.load(digits_npz("mlp"))
+    np.savez(tmp_path / "d.npz", input=data["input"][:48], labels=data["labels"][:48])
+    result, out, report = _compress(tmp_path, tmp_path / "m.onnx", tmp_path / "d.npz", "structured-50",
+                                    "--max-accuracy-drop", 1)
+    assert result.exit_code == 0, result.output
+    passes = {p["name"]: p for p in json.loads(report.read_text())["passes"]}
+    stats = passes["recover"]["stats"]
+    assert stats["steps"] > 0 and stats["kd_loss_after"] < stats["kd_loss_before"], stats
