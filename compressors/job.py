@@ -197,6 +197,9 @@ def compress(request: CompressRequest, progress: Progress | None = None) -> Repo
     elif request.eval_data is None and recipe.search is None:
         notes.append("the same data calibrated and evaluated (pass --eval-data for a held-out measurement)")
     notes += job_notes
+    if records and not any(r.modified for r in records):  # e.g. every weight inside If branches
+        notes.append("no pass changed the model: the output holds the same weights (each pass's stats list "
+                     "what it skipped and why)")
     return Report(
         model=str(request.model),
         recipe=recipe.source,

@@ -295,3 +295,11 @@ def test_recover_on_a_batch_fixed_at_one(tmp_path, zoo_models, digits_npz):
     passes = {p["name"]: p for p in json.loads(report.read_text())["passes"]}
     stats = passes["recover"]["stats"]
     assert stats["steps"] > 0 and stats["kd_loss_after"] < stats["kd_loss_before"], stats
+
+
+def test_a_recipe_that_changes_nothing_says_so(tmp_path, tiny_model_path, tiny_data_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune:\n  - type: magnitude\n    include: ['no_such_weight*']\n")
+    result, out, report = _compress(tmp_path, tiny_model_path, tiny_data_path, recipe)
+    assert result.exit_code == 0, result.output
+    assert any("no pass changed the model" in n for n in json.loads(report.read_text())["notes"])
