@@ -3,7 +3,8 @@
 Two kinds of outputs are told apart, because one number cannot judge both:
 
 * **scores** — float outputs of rank 2 (``[N, classes]``) and integer outputs: the argmax is a
-  decision, so top-1 ``agreement`` is measured, and the cosine of each sample's output row.
+  decision, so top-1 ``agreement`` is measured, and the cosine of each sample's output row. One
+  score per sample (``[N]``, ``[N, 1]``: a binary classifier) is decided by a threshold instead.
 * **features** — float outputs of rank 3 or more (token embeddings ``[N, T, D]``, feature maps):
   an argmax over hidden features decides nothing, so there is no agreement, only the cosine of each
   sample's output. When the feed carries a padding mask (an integer input named like ``*mask*``,
@@ -22,15 +23,30 @@ def is_features(output: np.ndarray) -> bool:
     return output.dtype.kind == "f" and output.ndim >= 3
 
 
-def predictions(output: np.ndarray, per_position: bool = False) -> np.ndarray | None:
+def predictions(output: np.ndarray, per_position: bool = False, threshold: float | None = None) -> np.ndarray | None:
     """Decisions: argmax over the last axis of float scores [N, classes]; integer or bool outputs
-    already are decisions. None for one score per sample, and for features — unless
+    already are decisions. One float score per sample ([N] or [N, 1], a binary classifier) is
+    decided by ``threshold`` (default ``score_threshold(output)``): an argmax over one column would
+    always say 0, so a sigmoid's 0.28 -> 0.61 counted as agreeing. None for features — unless
     ``per_position`` (labels given per position, e.g. token classes [N, T] for scores [N, T, C])."""
     if output.dtype.kind in "biu":
         return output
+    if is_one_score(output):
+        scores = output.reshape(len(output))
+        return scores > (score_threshold(output) if threshold is None else threshold)
     if output.ndim == 2 or (per_position and output.ndim > 2):
         return output.argmax(axis=-1)
     return None
+
+
+def is_one_score(output: np.ndarray) -> bool:
+    return output.dtype.kind == "f" and (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1))
+
+
+def score_threshold(scores: np.ndarray) -> float:
+    """0.5 for probabilities (every score in [0, 1], give or take the 1e-3 a quantized sigmoid can
+    overshoot by), else 0 (logits)."""
+    return 0.5 if scores.size and float(scores.min()) >= -1e-3 and float(scores.max()) <= 1.0 + 1e-3 else 0.0
 
 
 def padding_mask(feed: Feed | None, output: np.ndarray) -> np.ndarray | None:
@@ -88,7 +104,10 @@ class OutputFidelity:
             self.abs_sum += float(diff.sum())
             self.abs_max = max(self.abs_max, float(diff.max()))
             self.elements += diff.size
-        ref_pred, cand_pred = predictions(reference), predictions(candidate)
+        # A single score is decided at the reference's threshold on both sides: a probability the
+        # compressed model pushes to 1.0001 must not switch it to the logit threshold.
+        threshold = score_threshold(reference) if is_one_score(reference) else None
+        ref_pred, cand_pred = predictions(reference, threshold=threshold), predictions(candidate, threshold=threshold)
         if ref_pred is None:
             self.decisions = False
         else:

@@ -228,3 +228,19 @@ def test_environment_names_runtime_and_cpu():
     env = environment(3)
     assert env["threads"] == 3 and env["onnxruntime"] and env["cpu"] and env["python"]
     assert set(env["isa"]) <= set(RELEVANT_ISA)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 1)])
+def test_one_score_per_sample_is_decided_by_threshold(shape):
+    """A sigmoid's single column: argmax over it is always 0, so 0.28 -> 0.61 used to count as agreeing."""
+    from modelpress.compressors.fidelity import OutputFidelity, predictions
+
+    reference = np.array([0.28, 0.27, 0.17, 0.9, 0.49, 0.6], np.float32).reshape(shape)
+    candidate = np.array([0.61, 0.44, 0.15, 0.8, 0.53, 1.0001], np.float32).reshape(shape)
+    fidelity = OutputFidelity()
+    fidelity.add(reference, candidate)
+    assert fidelity.values()["agreement"] == pytest.approx(4 / 6)  # 0.28 and 0.49 cross 0.5
+    logits = np.array([-2.0, 0.5, 3.0, -0.1], np.float32).reshape((4,) + shape[1:])
+    assert predictions(logits).tolist() == [False, True, True, False]  # outside [0, 1]: threshold 0
+    labels = np.array([0, 1, 1, 0])
+    assert (predictions(logits) == labels).all()
