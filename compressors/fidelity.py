@@ -5,6 +5,7 @@ Two kinds of outputs are told apart, because one number cannot judge both:
 * **scores** — float outputs of rank 2 (``[N, classes]``) and integer outputs: the argmax is a
   decision, so top-1 ``agreement`` is measured, and the cosine of each sample's output row. One
   score per sample (``[N]``, ``[N, 1]``: a binary classifier) is decided by a threshold instead.
+  ``[N, classes, 1, 1]`` (pooled axes left on) counts as ``[N, classes]``.
 * **features** — float outputs of rank 3 or more (token embeddings ``[N, T, D]``, feature maps):
   an argmax over hidden features decides nothing, so there is no agreement, only the cosine of each
   sample's output. When the feed carries a padding mask (an integer input named like ``*mask*``,
@@ -20,7 +21,13 @@ Feed = dict[str, np.ndarray]
 
 
 def is_features(output: np.ndarray) -> bool:
-    return output.dtype.kind == "f" and output.ndim >= 3
+    return output.dtype.kind == "f" and output.ndim >= 3 and not _pooled_scores(output)
+
+
+def _pooled_scores(output: np.ndarray) -> bool:
+    """[N, classes, 1, 1]: class scores with the pooled spatial axes left on (Caffe-era classifiers,
+    SqueezeNet and DenseNet of the ONNX model zoo) — scores, not a feature map."""
+    return output.ndim >= 3 and all(d == 1 for d in output.shape[2:])
 
 
 def predictions(output: np.ndarray, per_position: bool = False, threshold: float | None = None) -> np.ndarray | None:
@@ -31,6 +38,8 @@ def predictions(output: np.ndarray, per_position: bool = False, threshold: float
     ``per_position`` (labels given per position, e.g. token classes [N, T] for scores [N, T, C])."""
     if output.dtype.kind in "biu":
         return output
+    if output.dtype.kind == "f" and _pooled_scores(output):
+        output = output.reshape(output.shape[:2])
     if is_one_score(output):
         scores = output.reshape(len(output))
         return scores > (score_threshold(output) if threshold is None else threshold)
@@ -40,6 +49,8 @@ def predictions(output: np.ndarray, per_position: bool = False, threshold: float
 
 
 def is_one_score(output: np.ndarray) -> bool:
+    if output.dtype.kind == "f" and _pooled_scores(output):
+        output = output.reshape(output.shape[:2])
     return output.dtype.kind == "f" and (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1))
 
 

@@ -244,3 +244,19 @@ def test_one_score_per_sample_is_decided_by_threshold(shape):
     assert predictions(logits).tolist() == [False, True, True, False]  # outside [0, 1]: threshold 0
     labels = np.array([0, 1, 1, 0])
     assert (predictions(logits) == labels).all()
+
+
+def test_class_scores_with_pooled_axes_left_on_are_scores():
+    """SqueezeNet / DenseNet of the ONNX model zoo give [N, 1000, 1, 1]: top-1 agreement and label
+    accuracy apply as for [N, 1000] (they were judged as a feature map, by cosine only)."""
+    from modelpress.compressors.fidelity import OutputFidelity, is_features, predictions
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(5, 7, 1, 1)).astype(np.float32)
+    candidate = reference.copy()
+    candidate[0, :, 0, 0] = -candidate[0, :, 0, 0]  # sample 0 changes its top class
+    assert not is_features(reference) and is_features(rng.normal(size=(5, 7, 2, 1)).astype(np.float32))
+    assert predictions(reference).tolist() == reference[:, :, 0, 0].argmax(1).tolist()
+    fidelity = OutputFidelity()
+    fidelity.add(reference, candidate)
+    assert fidelity.values()["agreement"] == pytest.approx(4 / 5)
