@@ -172,3 +172,16 @@ def _layer_norm(call: Call, x: Tensor, scale: Tensor, bias: Tensor | None = None
 @op("InstanceNormalization")
 def _instance_norm(call: Call, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     return F.instance_norm(x, weight=scale, bias=bias, eps=call.attr("epsilon", 1e-5))
+
+
+@op("LRN")
+def _lrn(call: Call, x: Tensor) -> Tensor:
+    """ONNX's window over channels is [c - floor((size-1)/2), c + ceil((size-1)/2)]; torch's
+    local_response_norm puts the longer half before c, so an even size would differ: summed here."""
+    size = call.attr("size")
+    alpha, beta, bias = call.attr("alpha", 1e-4), call.attr("beta", 0.75), call.attr("bias", 1.0)
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    squares = F.pad(x * x, [0, 0] * (x.dim() - 2) + [before, after])  # pads dim 1 (channels) only
+    channels = x.shape[1]
+    window = sum(squares[:, i : i + channels] for i in range(size))
+    return x / (bias + alpha / size * window) ** beta

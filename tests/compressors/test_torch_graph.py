@@ -145,9 +145,11 @@ def test_pooling_and_normalization():
              node("AveragePool", ["img"], ["ap2"], kernel_shape=[2, 2], strides=[2, 2]),
              node("GlobalAveragePool", ["img"], ["gap"]), node("GlobalMaxPool", ["img"], ["gmp"]),
              node("BatchNormalization", ["img", "s", "b", "m", "v"], ["bn"], epsilon=1e-3),
-             node("InstanceNormalization", ["img", "s", "b"], ["inn"])]
+             node("InstanceNormalization", ["img", "s", "b"], ["inn"]),
+             node("LRN", ["img"], ["lrn3"], size=3),  # GoogLeNet / AlexNet of the ONNX model zoo
+             node("LRN", ["img"], ["lrn5"], size=5, alpha=0.1, beta=0.6, bias=2.0)]
     inits = {"s": x(4), "b": x(4), "m": x(4), "v": np.abs(x(4)) + 0.1}
-    outs = [(n, F32) for n in ("mp0", "mp1", "ap0", "ap1", "ap2", "gap", "gmp", "bn", "inn")]
+    outs = [(n, F32) for n in ("mp0", "mp1", "ap0", "ap1", "ap2", "gap", "gmp", "bn", "inn", "lrn3", "lrn5")]
     check(nodes, {"img": x(2, 4, 7, 9)}, outs, inits, atol=1e-4)
 
 
