@@ -47,3 +47,25 @@ def test_sensitivity_needs_unstructured_and_a_reachable_cap():
         SparseGPTConfig(pattern="2:4", allocation="sensitivity")
     with pytest.raises(ValidationError, match="max_layer_sparsity"):
         WandaConfig(sparsity=0.9, allocation="sensitivity", max_layer_sparsity=0.8)
+
+
+def test_curve_runs_are_bounded_by_thinning_the_feeds(zoo_models, digits, monkeypatch):
+    """Many weights x levels x feeds of batch 1 (DenseNet: 34,560 runs) are thinned evenly to the bound."""
+    from modelpress.compressors.prune import allocation
+
+    x_train = digits[0]
+    model = load_model(zoo_models("mlp"))
+    values = [v for v in model.graph.initializers.values() if v.const_value.numpy().ndim == 2]
+    feeds = [{"input": zoo.model_input("mlp", x_train[i : i + 1])} for i in range(9)]
+    levels = [0.0, 0.5, 0.9]
+
+    def prune(value, weights, level):
+        return np.where(np.abs(weights) >= np.quantile(np.abs(weights), level), weights, 0).astype(weights.dtype)
+
+    monkeypatch.setattr(allocation, "MAX_CURVE_RUNS", len(values) * len(levels) * 3)  # room for 3 feeds
+    thinned = allocation.measure_curves(model, values, levels, feeds, prune, 1)
+    chosen = [feeds[0], feeds[4], feeds[8]]  # evenly over the 9
+    monkeypatch.setattr(allocation, "MAX_CURVE_RUNS", 10**6)
+    assert thinned == allocation.measure_curves(model, values, levels, chosen, prune, 1)
+    assert thinned != allocation.measure_curves(model, values, levels, feeds, prune, 1)
+    assert all(curve[0] == 0.0 and curve[2] > curve[1] > 0 for curve in thinned.values())
