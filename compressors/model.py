@@ -24,6 +24,8 @@ from modelpress.compressors.fold import fold_weight_layouts
 # Protobuf cannot serialize a message of 2 GiB or more; above this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+QUANTIZED_OPS = frozenset({"DequantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul",
+                           "MatMulNBits", "DynamicQuantizeMatMul"})
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -97,6 +99,10 @@ def normalize(model: ir.Model) -> list[str]:
     )
     if subgraph_weights:
         quirks.append(f"{subgraph_weights} initializer(s) live inside If/Loop/Scan subgraphs")
+    quantized = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type in QUANTIZED_OPS)
+    if quantized:
+        quirks.append(f"the model is already quantized ({quantized} quantize/integer node(s)): its integer weights "
+                      "stay as they are; passes see only its float weights")
     shared = [v.name for _, v in iter_weights(model) if len(v.uses()) > 1]
     if shared:
         quirks.append(f"{len(shared)} initializer(s) are shared by several nodes")

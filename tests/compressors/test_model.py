@@ -185,3 +185,17 @@ def test_weight_layout_nodes_are_folded_bit_exactly(tmp_path, opset):
     after = ort.InferenceSession(to_bytes(model), providers=["CPUExecutionProvider"]).run(None, x)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_already_quantized_model_is_noted(tmp_path):
+    """A QDQ / integer model: the passes see only its float weights, and the report says why."""
+    from modelpress.compressors.model import normalize
+
+    q = numpy_helper.from_array(np.arange(-8, 8, dtype=np.int8).reshape(4, 4), "wq")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "s"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=[q, scale])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert any("already quantized (1 quantize/integer node(s))" in quirk for quirk in normalize(model))
