@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.fold import fold_weight_layouts
@@ -70,12 +70,15 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
 def normalize(model: ir.Model) -> list[str]:
     """Make exporter quirks uniform in place; return a note for each quirk found."""
     quirks: list[str] = []
-    # IR < 4 lists every initializer as a graph input too (the classic ONNX model zoo files). As an
-    # input it is a default a caller could override, so no pass may treat it as a weight: left so,
-    # every recipe would compress nothing and still pass its gates.
-    listed = [v.name for v in model.graph.inputs if v.name in model.graph.initializers]
+    # IR < 4 lists every initializer as a graph input too (the classic ONNX model zoo files, torch's
+    # keep_initializers_as_inputs). As an input it is a default a caller could override, so no pass may
+    # treat it as a weight: left so, every recipe would compress nothing and still pass its gates. A
+    # one-element default (a threshold a caller may well feed) stays an input.
+    listed = [v for v in model.graph.inputs if v.name in model.graph.initializers
+              and v.const_value is not None and v.const_value.size > 1]
     if listed:
-        RemoveInitializersFromInputsPass()(model)
+        for value in listed:
+            model.graph.inputs.remove(value)
         model.ir_version = max(model.ir_version or 0, 4)  # IR 3 requires initializers among the inputs
         quirks.append(f"{len(listed)} initializer(s) were also listed as graph inputs (IR < 4 style); "
                       "they are treated as weights and no longer inputs of the output model")

@@ -199,3 +199,21 @@ def test_an_already_quantized_model_is_noted(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=[q, scale])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert any("already quantized (1 quantize/integer node(s))" in quirk for quirk in normalize(model))
+
+
+def test_initializers_listed_as_inputs_become_weights_but_a_scalar_default_stays_an_input():
+    from modelpress.compressors.model import iter_weights, normalize
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    threshold = numpy_helper.from_array(np.array(0.5, np.float32), "threshold")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Sub", ["h", "threshold"], ["y"])], "ir3",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", ["N", 4]), ("w", [4, 4]), ("threshold", []))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=[w, threshold])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    proto.ir_version = 3
+    model = ir.from_proto(proto)
+    assert any("1 initializer(s) were also listed as graph inputs" in q for q in normalize(model))
+    assert [v.name for v in model.graph.inputs] == ["x", "threshold"] and model.ir_version == 4
+    onnx.checker.check_model(ir.to_proto(model))
+    assert "w" in {v.name for _, v in iter_weights(model)}
