@@ -120,16 +120,21 @@ def _partial_fallbacks(source: ir.Model, plan: list[Target], reference: bytes, c
 
 
 def _slower(reference: bytes, candidate: bytes, feed: Feed, verification: dict[str, Any], threads: int) -> str | None:
-    """Why the candidate is slower than the reference, or None. A first verdict of "slower" is
-    timed again and must repeat: a burst of load from other processes must not cost the kernels."""
-    for _ in range(2):
+    """Why the candidate is slower than the reference, or None: the verdict of two timings that agree,
+    else of the third. One short timing is a few dozen runs; a burst of load from other processes
+    flipped it both ways (SqueezeNet's static int8 kernels, 1.6x slower on AVX2 without VNNI, once
+    timed 0.97x and were kept)."""
+    verdicts = []
+    while len(verdicts) < 2 or (len(verdicts) == 2 and verdicts[0] != verdicts[1]):
         timings = time_models({"original": reference, "int8": candidate}, feed, threads)
         int8 = timings["int8"]
         verification["latency_us"] = {k: round(t.median_us, 2) for k, t in timings.items()}
         verification["latency_ratio"] = round(int8.ratio, 3)
-        if not (int8.ratio > SLOWER_RATIO and int8.min_ratio > 1.0):
-            return None
-    return f"whole model {int8.ratio:.2f}x the input model's latency (> {SLOWER_RATIO})"
+        verdicts.append(int8.ratio > SLOWER_RATIO and int8.min_ratio > 1.0)
+    verification["latency_verdicts"] = ["slower" if v else "not slower" for v in verdicts]
+    if sum(verdicts) * 2 < len(verdicts):
+        return None
+    return f"whole model {int8.ratio:.2f}x the input model's latency (> {SLOWER_RATIO}; {sum(verdicts)} of {len(verdicts)} timings)"
 
 
 def _missed(fidelity: dict[str, Any], config: Int8Config) -> str | None:

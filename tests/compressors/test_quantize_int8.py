@@ -500,3 +500,23 @@ def test_config_is_strict():
     assert config.mode == "auto" and config.placement == "rule" and config.per_channel and config.symmetric
     assert config.never_slower
     assert PASSES["quantize"]["int8"] is Int8Quantize
+
+
+@pytest.mark.parametrize("ratios, calls, kept", [
+    ((0.9, 0.9), 2, True), ((1.5, 0.9, 0.9), 3, True), ((0.9, 1.5, 1.5), 3, False), ((1.5, 1.5), 2, False)])
+def test_never_slower_takes_the_verdict_of_two_agreeing_timings(zoo_models, digits, monkeypatch, ratios, calls, kept):
+    """One short timing under load flipped either way: two that agree decide, else a third."""
+    from modelpress.compressors.quantize import int8, int8_verify
+
+    queue = list(ratios)
+
+    def timed(models, feed, threads, rounds=int8.TIMING_ROUNDS):
+        r = queue.pop(0)
+        return {"original": int8.Timing(100.0, 90.0, 1.0, 1.0), "int8": int8.Timing(100 * r, 90 * r, r, r)}
+
+    monkeypatch.setattr(int8_verify, "time_models", timed)
+    _, _, x_test, _ = digits
+    result = _quantize(zoo_models("mlp"), [{"input": x_test}], latency_batch=256)
+    verification = result.stats["verification"]
+    assert len(verification["latency_verdicts"]) == calls and not queue
+    assert bool(verification["reverted"]) is not kept
