@@ -131,7 +131,8 @@ def _slower(reference: bytes, candidate: bytes, feed: Feed, verification: dict[s
         verification["latency_us"] = {k: round(t.median_us, 2) for k, t in timings.items()}
         verification["latency_ratio"] = round(int8.ratio, 3)
         verdicts.append(int8.ratio > SLOWER_RATIO and int8.min_ratio > 1.0)
-    verification["latency_verdicts"] = ["slower" if v else "not slower" for v in verdicts]
+    # One list per attempt timed, in order: a later attempt must not hide why an earlier one went.
+    verification.setdefault("latency_verdicts", []).append(["slower" if v else "not slower" for v in verdicts])
     if sum(verdicts) * 2 < len(verdicts):
         return None
     return f"whole model {int8.ratio:.2f}x the input model's latency (> {SLOWER_RATIO}; {sum(verdicts)} of {len(verdicts)} timings)"
