@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import compare_int8  # noqa: E402
-from common import command_line, markdown_table, replace_section, run_recipe, section_head, sweep_parser  # noqa: E402
+from common import command_line, markdown_table, replace_section, run_recipes, section_head, sweep_parser  # noqa: E402
 from common import names as split_names  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -215,15 +215,10 @@ def main(argv=None) -> int:
             data = work / "data.npz"
             classes[name] = check_finite(model, input_name, write_data(data, input_name, args.seed), args.threads)
             print(f"  input {input_name!r}, original: {classes[name]} distinct top-1 classes", file=sys.stderr)
-            results[name] = []
-            for recipe in recipes:
-                print(f"[{name}] {recipe} ...", file=sys.stderr, flush=True)
-                results[name].append(row := run_recipe(model, recipe, data, work, args.timeout))
-                if "output" in row:
-                    print(f"  exit {row['exit']}: {row['command']}\n  {row['note']}", file=sys.stderr)
-                print("  " + " | ".join(table_rows({name: [row]})[0][2:]), file=sys.stderr, flush=True)
-                if not args.no_write:  # after every row, so an interrupted run leaves what it measured
-                    replace_section(args.results, BEGIN, END, markdown(table_rows(results), env, command, names, classes, args))
+            save = None if args.no_write else lambda: replace_section(  # noqa: E731
+                args.results, BEGIN, END, markdown(table_rows(results), env, command, names, classes, args))
+            run_recipes(results, name, model, recipes, data, work, args.timeout,
+                        lambda row, name=name: " | ".join(table_rows({name: [row]})[0][2:]), save)
     print("\n".join(markdown_table(COLUMNS, table_rows(results))))
     if not args.no_write:
         replace_section(args.results, BEGIN, END, markdown(table_rows(results), env, command, names, classes, args))

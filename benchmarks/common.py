@@ -108,3 +108,18 @@ def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int) -
             missed = [g["name"] for g in r.get("gates", []) if not g.get("passed", True)]
             row["note"] = "gate missed: " + ", ".join(missed)
     return row
+
+
+def run_recipes(results: dict[str, list[dict]], name: str, model: Path, recipes: list[str], data: Path, work: Path,
+                timeout: int, summary, save=None) -> None:
+    """Each recipe on one model through ``run_recipe``, its rows in ``results[name]``, progress on stderr
+    (``summary(row)``: the row's figures); ``save()`` after every row, so an interrupted run keeps them."""
+    results[name] = []
+    for recipe in recipes:
+        print(f"[{name}] {recipe} ...", file=sys.stderr, flush=True)
+        results[name].append(row := run_recipe(model, recipe, data, work, timeout))
+        if "output" in row:
+            print(f"  exit {row['exit']}: {row['command']}\n  {row['note']}", file=sys.stderr)
+        print("  " + summary(row), file=sys.stderr, flush=True)
+        if save is not None:
+            save()

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import compare_int8 as common  # noqa: E402
 from common import (  # noqa: E402
-    command_line, markdown_table, replace_section, run_recipe, section_head, sweep_parser, text_table)
+    command_line, markdown_table, replace_section, run_recipes, section_head, sweep_parser, text_table)
 from common import names as split_names  # noqa: E402
 
 from modelpress.compressors.benchmark import make_session, time_in_turns  # noqa: E402
@@ -255,15 +255,10 @@ def main(argv=None) -> int:
             work = root / name
             work.mkdir(parents=True, exist_ok=True)
             data, feeds = write_data(MODELS[name][2], work, args.seed)
-            results[name] = []
-            for recipe in recipes:
-                print(f"[{name}] {recipe} ...", file=sys.stderr, flush=True)
-                results[name].append(row := run_recipe(model, recipe, data, work, args.timeout))
-                if "output" in row:
-                    print(f"  exit {row['exit']}: {row['command']}\n  {row['note']}", file=sys.stderr)
-                print("  " + " | ".join(table_rows({name: [row]})[0][2:]), file=sys.stderr, flush=True)
-                if not args.no_write:  # after every row, so an interrupted run leaves what it measured
-                    replace_section(args.results, BEGIN, END, markdown(table_rows(results), env, command, models, args))
+            save = None if args.no_write else lambda: replace_section(  # noqa: E731
+                args.results, BEGIN, END, markdown(table_rows(results), env, command, models, args))
+            run_recipes(results, name, model, recipes, data, work, args.timeout,
+                        lambda row, name=name: " | ".join(table_rows({name: [row]})[0][2:]), save)
             if not args.no_ort:
                 print(f"[{name}] ORT quantize_dynamic ...", file=sys.stderr, flush=True)
                 results[name].append(run_ort_dynamic(model, feeds, work, args))
