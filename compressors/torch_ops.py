@@ -42,6 +42,11 @@ def torch_dtype(onnx_type: int | ir.DataType) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class UnsupportedCase(ValueError):
+    """A case of a supported op that depends on input values (so the graph checks cannot see it) and
+    that the interpreter does not implement: refused by name when the node runs."""
+
+
 @dataclass
 class Call:
     """What an op function sees of its node."""

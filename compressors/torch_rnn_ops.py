@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modelpress.compressors.torch_ops import CHECKS, Call, Tensor, op
+from modelpress.compressors.torch_ops import CHECKS, Call, Tensor, UnsupportedCase, op
 
 
 def _directions(call: Call) -> list[bool]:
@@ -27,7 +27,7 @@ def _directions(call: Call) -> list[bool]:
 def _check_lengths(call: Call, x: Tensor, lengths: Tensor | None) -> None:
     """Shorter sequences would need per-sample masking of the steps: refused by name at run time."""
     if lengths is not None and bool((lengths != x.shape[0]).any()):
-        raise NotImplementedError(f"{call.op_type} {call.name!r}: sequences shorter than the input (sequence_lens)")
+        raise UnsupportedCase(f"{call.op_type} {call.name!r}: sequences shorter than the input (sequence_lens)")
 
 
 def _finish(call: Call, ys: list[Tensor], states: list[list[Tensor]]) -> tuple[Tensor, ...]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modelpress.compressors.torch_ops import CHECKS, Call, Tensor, axes_of, ints, op, torch_dtype
+from modelpress.compressors.torch_ops import CHECKS, Call, Tensor, UnsupportedCase, axes_of, ints, op, torch_dtype
 
 
 # --------------------------------------------------------------------------- shapes and layout
@@ -170,7 +170,7 @@ def _pad(call: Call, x: Tensor, pads=None, value=None, axes=None) -> Tensor:
         return x
     k = x.dim() - padded[0]
     if k > 3:
-        raise NotImplementedError(f"{mode} padding of {k} trailing dims (torch pads at most 3)")
+        raise UnsupportedCase(f"{mode} padding of {k} trailing dims (torch pads at most 3)")
     lead = x.shape[: x.dim() - k]
     out = F.pad(x.reshape(-1, *x.shape[x.dim() - k:]), torch_pads[: 2 * k],
                 mode={"reflect": "reflect", "edge": "replicate"}[mode])
@@ -235,7 +235,7 @@ def _resize(call: Call, x: Tensor, roi=None, scales=None, sizes=None) -> Tensor:
     else:
         factors = [float(v) for v in scales.reshape(-1).tolist()]
     if any(f != int(f) or f < 1 for f in factors):
-        raise NotImplementedError(f"Resize {call.name!r}: factors {factors} are not whole upsampling factors")
+        raise UnsupportedCase(f"Resize {call.name!r}: factors {factors} are not whole upsampling factors")
     for axis, factor in enumerate(factors):
         if factor != 1:
             x = x.repeat_interleave(int(factor), dim=axis)
