@@ -30,6 +30,11 @@ def _pooled_scores(output: np.ndarray) -> bool:
     return output.ndim >= 3 and all(d == 1 for d in output.shape[2:])
 
 
+def _squeezed(output: np.ndarray) -> np.ndarray:
+    """Float class scores [N, classes, 1, 1] as [N, classes]; anything else as it is."""
+    return output.reshape(output.shape[:2]) if output.dtype.kind == "f" and _pooled_scores(output) else output
+
+
 def predictions(output: np.ndarray, per_position: bool = False, threshold: float | None = None) -> np.ndarray | None:
     """Decisions: argmax over the last axis of float scores [N, classes]; integer or bool outputs
     already are decisions. One float score per sample ([N] or [N, 1], a binary classifier) is
@@ -38,8 +43,7 @@ def predictions(output: np.ndarray, per_position: bool = False, threshold: float
     ``per_position`` (labels given per position, e.g. token classes [N, T] for scores [N, T, C])."""
     if output.dtype.kind in "biu":
         return output
-    if output.dtype.kind == "f" and _pooled_scores(output):
-        output = output.reshape(output.shape[:2])
+    output = _squeezed(output)
     if is_one_score(output):
         scores = output.reshape(len(output))
         return scores > (score_threshold(output) if threshold is None else threshold)
@@ -49,8 +53,7 @@ def predictions(output: np.ndarray, per_position: bool = False, threshold: float
 
 
 def is_one_score(output: np.ndarray) -> bool:
-    if output.dtype.kind == "f" and _pooled_scores(output):
-        output = output.reshape(output.shape[:2])
+    output = _squeezed(output)
     return output.dtype.kind == "f" and (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1))
 
 
