@@ -35,6 +35,8 @@ UNARY = {
 # Pools keep the channel axis (1) and only touch the spatial axes.
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
+# Ops that crop, pad or rescale axes one by one: channels pass through when their axis is untouched.
+SPATIAL = {"Slice", "Pad", "Resize", "Upsample"}
 REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
           "ReduceSumSquare", "ReduceLogSumExp"}
 
@@ -203,6 +205,8 @@ class Walker:
             return self.reduce(node, place, rank)
         if op == "Concat":
             return self.concat(node, index, value, place)
+        if op in SPATIAL and index == 0:
+            return self.spatial(node, place, rank)
         raise Unprunable(f"consumer {op} node {name!r} (input {index}) does not pass channels through")
 
     def consumer(self, node: ir.Node, value: ir.Value, place: Place, weight_place: Place) -> None:
@@ -266,6 +270,15 @@ class Walker:
                     axis += 1
         self.follow(node.outputs[0], Place(axis, place.offset, place.block, place.count))
 
+    def spatial(self, node: ir.Node, place: Place, rank: int) -> None:
+        """Slice / Pad / Resize / Upsample with constant parameters that leave the channel axis whole
+        (a crop of the spatial axes, a 2x upsample): the output carries the same channels."""
+        untouched = {"Slice": slice_keeps_axis, "Pad": pad_keeps_axis}.get(node.op_type, scale_keeps_axis)
+        verdict = untouched(node, place.axis, rank, self.dim(node.inputs[0], place.axis))
+        if verdict is not True:
+            raise Unprunable(f"{node.op_type} node {node.name!r}: {verdict}")
+        self.follow(node.outputs[0], place)
+
     def reduce(self, node: ir.Node, place: Place, rank: int) -> None:
         axes = axes_of(node)
         if axes is None:
@@ -288,3 +301,61 @@ class Walker:
             if other is not value:
                 self.slice_operand(other, rank, place, node)
         self.follow(node.outputs[0], place)
+
+
+# --------------------------------------------------------------------------- spatial ops
+# Each returns True when the op leaves axis ``axis`` (of ``size`` entries) whole, else why not.
+
+
+def _operand(node: ir.Node, index: int, attribute: str):
+    """A parameter given as an attribute (old opsets) or as a constant input (new ones); "missing"
+    when absent, None when computed."""
+    value = attr_value(node, attribute)
+    if value is not None:
+        return np.asarray(value)
+    if len(node.inputs) <= index or node.inputs[index] is None:
+        return "missing"
+    return constant(node.inputs[index])
+
+
+def slice_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
+    starts, ends = _operand(node, 1, "starts"), _operand(node, 2, "ends")
+    axes, steps = _operand(node, 3, "axes"), _operand(node, 4, "steps")
+    if any(v is None for v in (starts, ends, axes, steps)) or isinstance(starts, str) or isinstance(ends, str):
+        return "its starts / ends / axes / steps are computed"
+    axes = range(len(starts)) if isinstance(axes, str) else [int(a) + rank if a < 0 else int(a) for a in axes]
+    steps = [1] * len(starts) if isinstance(steps, str) else steps
+    for a, start, end, step in zip(axes, starts, ends, steps):
+        # Whole: from the first entry (0, or a negative start at or before it) to at least the last.
+        if a == axis and not (step == 1 and (start == 0 or start <= -size) and end >= size):
+            return "it crops the channel axis"
+    return True
+
+
+def pad_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
+    pads, axes = _operand(node, 1, "pads"), _operand(node, 3, "axes")
+    if pads is None or isinstance(pads, str) or axes is None:
+        return "its pads are computed"
+    axes = list(range(rank)) if isinstance(axes, str) else [int(a) + rank if a < 0 else int(a) for a in axes]
+    if axis in axes:
+        i = axes.index(axis)
+        if pads[i] != 0 or pads[i + len(axes)] != 0:
+            return "it pads the channel axis"
+    return True
+
+
+def scale_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
+    inputs = node.inputs
+    if node.op_type == "Resize" and len(inputs) > 3 and inputs[3] is not None:
+        return "its output sizes name the channel count"  # a constant would need rewriting; rare in exports
+    # Upsample: attribute (opset 7) or input 1; Resize: input 1 in opset 10 (X, scales), else input 2.
+    scales = _operand(node, 1 if node.op_type == "Upsample" or len(inputs) == 2 else 2, "scales")
+    if scales is None or isinstance(scales, str):
+        return "its scales are computed"
+    axes = attr_value(node, "axes") or range(rank)  # Resize-18 may scale only the listed axes
+    axes = [int(a) + rank if a < 0 else int(a) for a in axes]
+    if len(scales) != len(axes):
+        return "its scales do not match its axes"
+    if axis in axes and float(scales[axes.index(axis)]) != 1.0:
+        return "it rescales the channel axis"
+    return True

@@ -391,3 +391,47 @@ def test_paddle_bias_adds_are_followed_and_new_biases_are_cut(tmp_path):
     assert sizes["w_a"] == (4, 3, 1, 1) and sizes["w_b"] == (4, 4, 1, 1) and sizes["w_c"] == (4, 4, 1, 1)
     assert result.stats["compensated_biases"] == 2
     np.testing.assert_allclose(run(result.model, X_IMAGE), run(proto, X_IMAGE), atol=1e-5)
+
+
+def _spatial_chain(opset: int, channel_crop: bool = False) -> onnx.ModelProto:
+    """conv_1(6, channels 1, 3, 4 all-zero) -> Slice (crops H, W) -> Pad (H, W) -> Resize 2x -> conv_2:
+    the neck of detectors and U-Nets. ``channel_crop``: the Slice also drops the last channel."""
+    rng = np.random.default_rng(8)
+    w1, b1 = _conv(rng, 6, 3)
+    w1[[1, 3, 4]], b1[[1, 3, 4]] = 0, 0
+    w2, b2 = _conv(rng, 4, 5 if channel_crop else 6)
+    arrays = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    axes = [1, 2, 3] if channel_crop else [2, 3]
+    crop = {"starts": [0, 1, 1] if channel_crop else [1, 1], "ends": [5, 7, 7] if channel_crop else [7, 7]}
+    if opset >= 11:
+        arrays.update({"starts": np.array(crop["starts"]), "ends": np.array(crop["ends"]), "axes": np.array(axes),
+                       "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1]), "scales": np.array([1, 1, 2, 2], np.float32)})
+        spatial = [helper.make_node("Slice", ["r", "starts", "ends", "axes"], ["s"], name="crop"),
+                   helper.make_node("Pad", ["s", "pads"], ["p"], name="pad"),
+                   helper.make_node("Resize", ["p", "", "scales"], ["u"], name="up", mode="nearest")]
+    else:  # opset 9: Slice and Pad parameters are attributes, the 2x upsample is Upsample
+        arrays["scales"] = np.array([1, 1, 2, 2], np.float32)
+        spatial = [helper.make_node("Slice", ["r"], ["s"], name="crop", axes=axes, **crop),
+                   helper.make_node("Pad", ["s"], ["p"], name="pad", pads=[0, 0, 1, 1, 0, 0, 1, 1]),
+                   helper.make_node("Upsample", ["p", "scales"], ["u"], name="up", mode="nearest")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv_1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), *spatial,
+             helper.make_node("Conv", ["u", "w2", "b2"], ["y"], name="conv_2")]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 14, 14])
+    graph = helper.make_graph(nodes, "spatial", [image("x", 3)], [out],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_channels_pass_through_crops_pads_and_upsampling(tmp_path, opset):
+    proto = _spatial_chain(opset)
+    result = prune(proto, tmp_path, ratio=0.5, criterion="l1")
+    assert result.stats["per_group"] == {"w1": "3/6"}
+    assert shapes(result.model)["w2"] == (4, 3, 3, 3)
+    # The removed channels were all zero (and Pad fills zeros): the output is the same.
+    np.testing.assert_allclose(run(result.model, X_IMAGE), run(proto, X_IMAGE), atol=1e-5)
+
+
+def test_a_slice_that_crops_channels_stops_the_group(tmp_path):
+    assert "Slice node 'crop': it crops the channel axis" in skip_reasons(_spatial_chain(17, True), tmp_path)["w1"]
