@@ -11,6 +11,9 @@ Two kinds of outputs are told apart, because one number cannot judge both:
   sample's output. When the feed carries a padding mask (an integer input named like ``*mask*``,
   shaped ``[N, T]`` like the output's first two axes, holding only 0 and 1), the padded positions are
   left out: their values are never used downstream, and int8 kernels change them the most.
+* **scores per position** — a rank-3 output that the graph shows to be class scores at each position
+  (``output_kind.py``: CTC logits, token tags): agreement counts positions whose argmax over the last
+  axis is unchanged (padded positions left out), beside the cosine.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def sample_cosines(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarra
 class OutputFidelity:
     """Accumulates, feed by feed, a compressed model's output against the original's."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_position: bool = False) -> None:
+        self.per_position = per_position
         self.cosines: list[np.ndarray] = []
         self.agree = self.compared = 0
         self.abs_sum = 0.0
@@ -107,7 +111,9 @@ class OutputFidelity:
         self.decisions = True  # every output so far had decisions to agree on
         self.masked = False  # a padding mask was applied
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray, feed: Feed | None = None) -> None:
+    def add(self, reference: np.ndarray, candidate: np.ndarray, feed: Feed | None = None,
+            per_position: bool | None = None) -> None:
+        """``per_position``: this output is scores per position (default: as given at construction)."""
         mask = padding_mask(feed, reference)
         self.masked |= mask is not None
         self.cosines.append(sample_cosines(reference, candidate, mask))
@@ -121,7 +127,11 @@ class OutputFidelity:
         # A single score is decided at the reference's threshold on both sides: a probability the
         # compressed model pushes to 1.0001 must not switch it to the logit threshold.
         threshold = score_threshold(reference) if is_one_score(reference) else None
-        ref_pred, cand_pred = predictions(reference, threshold=threshold), predictions(candidate, threshold=threshold)
+        per_position = (self.per_position if per_position is None else per_position) and reference.ndim >= 3
+        ref_pred = predictions(reference, per_position, threshold)
+        cand_pred = predictions(candidate, per_position, threshold)
+        if ref_pred is not None and mask is not None and per_position:
+            ref_pred, cand_pred = ref_pred[mask], cand_pred[mask]
         if ref_pred is None:
             self.decisions = False
         else:
