@@ -249,8 +249,10 @@ def check_output_path(model_path: str | os.PathLike, output: str | os.PathLike, 
         raise InputError(f"{output}: --output must end in .onnx")
 
 
-# Which input of each op holds the weight matrix a compression pass may change.
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+# Which inputs of each op hold weight matrices a compression pass may change (a recurrent op's input
+# and recurrence weights W and R; its bias B is a vector of the gates).
+WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
+                 "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 
 def weight_inputs(model: ir.Model, op_types: set[str]) -> Iterator[tuple[ir.Value, str | None]]:
@@ -272,6 +274,6 @@ def weight_inputs(model: ir.Model, op_types: set[str]) -> Iterator[tuple[ir.Valu
         bad = [
             f"{use.node.op_type} input {use.idx}"
             for use in uses
-            if use.node.op_type not in op_types or WEIGHT_INPUT.get(use.node.op_type) != use.idx
+            if use.node.op_type not in op_types or use.idx not in WEIGHT_INPUTS.get(use.node.op_type, ())
         ]
         yield value, (f"also used as {', '.join(sorted(set(bad)))}" if bad else None)

@@ -1,7 +1,7 @@
 """int8 quantization, placed per op where ONNX Runtime's CPU provider runs it fastest.
 
-before: a float model — weights of MatMul / Gemm / Conv / ConvTranspose / Gather in the main graph
-and in If/Loop/Scan subgraphs (``normalize`` has already lifted Constant-node weights).
+before: a float model — weights of MatMul / Gemm / Conv / ConvTranspose / Gather (and W, R of LSTM /
+GRU / RNN, weight-only) in the main graph and in If/Loop/Scan subgraphs (``normalize`` has already lifted Constant-node weights).
 after:  every selected weight stored once as int8 (per output channel by default) with float
 scales, feeding one of three forms chosen per op:
 
@@ -68,7 +68,8 @@ from modelpress.compressors.quantize.ort_probe import (  # noqa: F401  (Timing, 
     TIMING_ROUNDS, Timing, batch_of, time_models)
 from modelpress.compressors.selection import WeightFilterConfig
 
-SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+# Recurrent ops (W and R) are weight-only: ORT has no int8 kernel for them in standard ONNX.
+SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN")
 
 # Per-channel DequantizeLinear needs opset 13 (DynamicQuantizeLinear 11); models below are upgraded
 # only when an int8 kernel may be used — weight-only Cast+Mul runs at any opset.
@@ -100,7 +101,8 @@ class Int8Config(WeightFilterConfig):
     # include / exclude globs from WeightFilterConfig. min_elements 128: below it the per-channel
     # scales and the two extra nodes cost about what int8 saves.
     min_elements: int = Field(128, ge=1, description="smaller tensors are left as they are")
-    op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"], ...] = SUPPORTED_OPS
+    op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN"], ...] = (
+        SUPPORTED_OPS)
     latency_batch: int | None = Field(
         None, ge=1, description="samples per run to place kernels for; default what the benchmark times "
         "(one sample when the batch axis is dynamic)",

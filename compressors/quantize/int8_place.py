@@ -125,6 +125,8 @@ def channel_axis(node: ir.Node, rank: int) -> int:
         return 1
     if op == "Gather":
         return int_attr(node, "axis") % rank
+    if op in ("LSTM", "GRU", "RNN"):
+        return 1  # W, R: [directions, gates * hidden, inputs]: one scale per gate unit
     return rank - 1  # MatMul: [..., K, N]
 
 

@@ -493,7 +493,7 @@ def test_config_is_strict():
     with pytest.raises(ValidationError):
         Int8Config(calibration="kl")  # the method is called entropy
     with pytest.raises(ValidationError):
-        Int8Config(op_types=("LSTM",))
+        Int8Config(op_types=("Einsum",))
     with pytest.raises(ValidationError):
         Int8Config(reduce_range="sometimes")
     config = Int8Config()
@@ -520,3 +520,34 @@ def test_never_slower_takes_the_verdict_of_two_agreeing_timings(zoo_models, digi
     verification = result.stats["verification"]
     assert len(verification["latency_verdicts"][0]) == calls and not queue
     assert bool(verification["reverted"]) is not kept
+
+
+def _recurrent(tmp_path):
+    """x [T=6, N, 8] -> bidirectional LSTM (hidden 16) and GRU (hidden 12): their last hidden states."""
+    rng = np.random.default_rng(7)
+    arrays = {"lw": rng.normal(0, 0.3, (2, 64, 8)), "lr": rng.normal(0, 0.3, (2, 64, 16)), "lb": rng.normal(0, 0.1, (2, 128)),
+              "gw": rng.normal(0, 0.3, (1, 36, 8)), "gr": rng.normal(0, 0.3, (1, 36, 12)), "gb": rng.normal(0, 0.1, (1, 72))}
+    nodes = [helper.make_node("LSTM", ["x", "lw", "lr", "lb"], ["", "lstm_h"], hidden_size=16, direction="bidirectional"),
+             helper.make_node("GRU", ["x", "gw", "gr", "gb"], ["", "gru_h"], hidden_size=12)]
+    graph = helper.make_graph(
+        nodes, "recurrent", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "N", 8])],
+        [helper.make_tensor_value_info("lstm_h", TensorProto.FLOAT, [2, "N", 16]),
+         helper.make_tensor_value_info("gru_h", TensorProto.FLOAT, [1, "N", 12])],
+        initializer=[numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()])
+    path = tmp_path / "recurrent.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_recurrent_weights_are_stored_int8_and_run_the_float_kernels(tmp_path):
+    path = _recurrent(tmp_path)
+    feed = {"x": np.random.default_rng(8).normal(size=(6, 4, 8)).astype(np.float32)}
+    result = _quantize(path, [feed])
+    assert result.stats["quantized"] == {"LSTM": {"weight_only": 2}, "GRU": {"weight_only": 2}}
+    assert _float_matrices(result.model) == {"lb"}  # only the gate biases B stay float ([directions, 8 * hidden])
+    original = load_model(path)
+    assert _weight_bytes(original) / _weight_bytes(result.model) > 2.5  # W and R: 4x; B and scales stay float
+    assert _optimized_ops(result.model) == Counter({"LSTM": 1, "GRU": 1})  # Cast*scale folded at load
+    for before, after in zip(_run(original, feed), _run(result.model, feed)):
+        cosine = float(before.ravel() @ after.ravel() / np.linalg.norm(before) / np.linalg.norm(after))
+        assert cosine > 0.9999 and np.abs(before - after).max() < 0.02
