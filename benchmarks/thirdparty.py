@@ -1,10 +1,11 @@
-"""Shipped recipes on real third-party ONNX models that PyPI wheels carry (OCR, VAD, YOLOv8n).
+"""Shipped recipes on real third-party ONNX models that PyPI wheels carry (OCR, VAD, detectors, file types).
 
-    pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2   # once, beforehand
+    pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2 \
+        ddddocr==1.6.1 magika==1.0.3                          # once, beforehand
     python benchmarks/thirdparty.py                          # every model x the default recipes
     python benchmarks/thirdparty.py --models cls,vad --recipes int8,fp16 --no-write
 
-Nothing is downloaded at run time: the models are the .onnx files inside those three wheels, found
+Nothing is downloaded at run time: the models are the .onnx files inside those wheels, found
 through their installed locations without importing the packages (they would pull in cv2 etc.), so
 `--no-deps` is enough. A missing package exits 2 with the pip line above.
 
@@ -12,7 +13,10 @@ For each model this script
 1. writes seeded synthetic inputs that look a little like the real thing: text-like stroke lines on
    white for PP-OCR (normalized as PaddleOCR does), bright rectangles on a textured background for
    YOLOv8n, tone bursts and speech-like noise for silero-vad (a folder of complete feeds with its
-   zero state and a 0-d `sr`); 16 samples per model, 8 for the 320x320 detectors,
+   zero state and a 0-d `sr`), stroke lines in [0, 1] for ddddocr's CRNN and the same rectangles in
+   0..255 for its YOLOX detector (folders: both fix the batch at 1), and for magika the first and last
+   bytes of 64 files of this Python's standard library (its own feature layout); 16 samples per model,
+   8 for the detectors,
 2. runs `modelpress compress MODEL --recipe R --data DATA ...` as a subprocess per recipe and reads
    its report (exit code, size and p50 latency against the original, fidelity metrics), keeping the
    last stderr line of an exit 2 / 3,
@@ -44,10 +48,13 @@ from common import (  # noqa: E402
 from common import names as split_names  # noqa: E402
 
 from modelpress.compressors.benchmark import make_session, time_in_turns  # noqa: E402
+from modelpress.compressors.fidelity import OutputFidelity  # noqa: E402
+from modelpress.compressors.output_kind import scores_per_position  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- thirdparty:begin -->", "<!-- thirdparty:end -->"
-PIP = "pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2"
+PIP = ("pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2 ddddocr==1.6.1 "
+       "magika==1.0.3")
 RECIPES = "int8,int8-static,fp16,sparse-50,structured-50,deep-compression"
 # short name -> (package, file inside it, data kind)
 MODELS = {
@@ -57,6 +64,10 @@ MODELS = {
     "silero-vad": ("silero_vad", "data/silero_vad.onnx", "vad"),
     "silero-vad-op18": ("silero_vad", "data/silero_vad_op18_ifless.onnx", "vad"),
     "yolov8n-320": ("nudenet", "320n.onnx", "yolo"),
+    "ddddocr": ("ddddocr", "common.onnx", "crnn"),  # CNN + LSTM + CTC head over 8210 characters
+    "ddddocr-det": ("ddddocr", "common_det.onnx", "yolox"),
+    "ddddocr-old-int8": ("ddddocr", "common_old.onnx", "crnn"),  # shipped already quantized by ORT
+    "magika": ("magika", "models/standard_v3_3/model.onnx", "bytes"),
 }
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -120,9 +131,51 @@ def audio(rng, i: int, n: int = 512, sr: int = 16000) -> np.ndarray:
     return (x + rng.normal(0, 0.005, n)).astype(np.float32)[None]
 
 
+def file_bytes(path: Path, size: int = 1024, block: int = 4096, padding: int = 256) -> np.ndarray:
+    """magika's input: the first ``size`` bytes after leading whitespace, then the last ``size`` before
+    trailing whitespace (each read from a ``block``), padded with ``padding`` towards the middle."""
+    data = path.read_bytes()
+    head, tail = list(data[:block].lstrip()[:size]), list(data[-block:].rstrip()[-size:])
+    return np.array(head + [padding] * (2 * size - len(head) - len(tail)) + tail, np.int32)
+
+
+def stdlib_files(rng, count: int) -> list[Path]:
+    """``count`` files of this Python's standard library, of as many kinds (suffixes) as possible."""
+    import sysconfig
+
+    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).rglob("*.*")
+                   if p.is_file() and "site-packages" not in p.parts and p.stat().st_size >= 8)
+    rng.shuffle(files)
+    by_suffix: dict[str, list[Path]] = {}
+    for path in files:
+        by_suffix.setdefault(path.suffix, []).append(path)
+    picked, round_ = [], 0
+    while len(picked) < count and round_ < count:
+        picked += [paths[round_] for paths in by_suffix.values() if len(paths) > round_][: count - len(picked)]
+        round_ += 1
+    return picked
+
+
+def write_feeds(work: Path, kind: str, name: str, images: list[np.ndarray]) -> tuple[Path, list[dict]]:
+    """A folder of one-image feeds, for models whose batch is fixed at 1."""
+    (folder := work / kind).mkdir(exist_ok=True)
+    feeds = [{name: image[None].astype(np.float32)} for image in images]
+    for i, feed in enumerate(feeds):
+        np.savez(folder / f"{i:02d}.npz", **feed)
+    return folder, feeds
+
+
 def write_data(kind: str, work: Path, seed: int) -> tuple[Path, list[dict]]:
     """The --data path for the CLI and the same samples as batch-1 feeds for timing here."""
     rng = np.random.default_rng(seed)
+    if kind == "crnn":
+        return write_feeds(work, kind, "input1", [text_lines(rng, 64, 160, 1)[:1] / 255 for _ in range(16)])
+    if kind == "yolox":
+        return write_feeds(work, kind, "images", [yolo_image(rng, 416) * 255 for _ in range(8)])
+    if kind == "bytes":
+        x, path = np.stack([file_bytes(p) for p in stdlib_files(rng, 64)]), work / "bytes.npz"
+        np.savez(path, bytes=x)
+        return path, [{"bytes": x[i:i + 1]} for i in range(len(x))]
     if kind == "vad":
         (folder := work / "vad").mkdir(exist_ok=True)
         feeds = [{"input": audio(rng, i), "state": np.zeros((2, 1, 128), np.float32),
@@ -144,18 +197,14 @@ def write_data(kind: str, work: Path, seed: int) -> tuple[Path, list[dict]]:
     return path, [{name: x[i:i + 1]} for i in range(len(x))]
 
 
-def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
-    """Mean per-sample cosine of output 0, and top-1 agreement for [N, classes] scores."""
-    cos = []
+def fidelity(model: Path, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
+    """Output 0 judged as the CLI judges it (``compressors.fidelity``): mean per-sample cosine, and
+    top-1 agreement for class scores ([N, classes], or per position behind a classifier head)."""
+    measured = OutputFidelity(per_position=scores_per_position(model))
     for a, b in zip(reference, outputs):
-        a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        cos.append(float(a @ b / denom) if denom else float(np.array_equal(a, b)))
-    metrics = {"cosine": float(np.mean(cos))}
-    if reference[0].ndim == 2 and reference[0].shape[1] > 1:
-        metrics["agreement"] = float(np.mean([(a.argmax(-1) == b.argmax(-1)).mean()
-                                              for a, b in zip(reference, outputs)]))
-    return metrics
+        measured.add(a, b)
+    values = measured.values()
+    return {k: values[k] for k in ("cosine", "agreement") if k in values}
 
 
 def run_ort_dynamic(model: Path, feeds: list[dict], work: Path, args) -> dict:
@@ -185,7 +234,7 @@ def run_ort_dynamic(model: Path, feeds: list[dict], work: Path, args) -> dict:
     times = time_in_turns([original, quantized], feeds, args.runs, args.warmup)
     row.update(size=out.stat().st_size / model.stat().st_size,
                latency=float(np.percentile(times[1], 50) / np.percentile(times[0], 50)),
-               metrics=fidelity(reference, got))
+               metrics=fidelity(model, reference, got))
     return row
 
 
@@ -214,8 +263,11 @@ def markdown(table, env: dict, command: str, models: dict[str, Path], args) -> s
         f"- Models: {files}.",
         ("- Data: seeded synthetic inputs (16 samples; 8 for the 320x320 detectors): stroke-line \"text\" on "
          "light paper for PP-OCR ((x/255 - 0.5)/0.5 for cls/rec, ImageNet mean/std for det), bright rectangles "
-         "on texture in [0, 1] for YOLOv8n, tone bursts / speech-like noise with zero state for silero-vad. "
-         "No labels: fidelity is to the original (mean per-sample cosine; top-1 agreement for [N, classes])."),
+         "on texture in [0, 1] for YOLOv8n, tone bursts / speech-like noise with zero state for silero-vad, "
+         "stroke lines in [0, 1] (64 x 160, grey) for ddddocr, rectangles in 0..255 (416 x 416) for its "
+         "detector, head and tail bytes of 64 standard-library files for magika. No labels: fidelity is to the "
+         "original, as the CLI judges it (mean per-sample cosine; top-1 agreement for [N, classes] and, per "
+         "position, behind a classifier head: ddddocr's [T, 1, 8210] CTC logits)."),
         ("- modelpress rows: `modelpress compress MODEL --recipe R --data DATA -o OUT --report-json R.json "
          "--quiet --force`, figures from its report (latency: the CLI's batch-1 p50, the two models in turns). "
          "ORT rows: `quantize_dynamic(per_channel=False)` with default settings, timed here the same way "
