@@ -49,7 +49,7 @@ from common import names as split_names  # noqa: E402
 
 from modelpress.compressors.benchmark import make_session, time_in_turns  # noqa: E402
 from modelpress.compressors.fidelity import OutputFidelity  # noqa: E402
-from modelpress.compressors.output_kind import scores_per_position  # noqa: E402
+from modelpress.compressors.output_kind import output_kind  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- thirdparty:begin -->", "<!-- thirdparty:end -->"
@@ -200,7 +200,7 @@ def write_data(kind: str, work: Path, seed: int) -> tuple[Path, list[dict]]:
 def fidelity(model: Path, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
     """Output 0 judged as the CLI judges it (``compressors.fidelity``): mean per-sample cosine, and
     top-1 agreement for class scores ([N, classes], or per position behind a classifier head)."""
-    measured = OutputFidelity(per_position=scores_per_position(model))
+    measured = OutputFidelity(output_kind(model))
     for a, b in zip(reference, outputs):
         measured.add(a, b)
     values = measured.values()

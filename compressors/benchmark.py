@@ -22,7 +22,7 @@ import onnxruntime as ort
 from modelpress.compressors.data import Dataset, Feed
 from modelpress.compressors.errors import InputError, ModelpressError
 from modelpress.compressors.fidelity import OutputFidelity, predictions
-from modelpress.compressors.output_kind import scores_per_position
+from modelpress.compressors.output_kind import output_kind
 from modelpress.compressors.peak_memory import PeakMemory
 
 ModelSource = bytes | str | os.PathLike
@@ -293,7 +293,7 @@ def compare(
     first output by default): ``accuracy`` for each model when the dataset has labels; for the
     compressed model against the original (see ``fidelity``): ``agreement`` of the decisions
     (argmax of [N, classes] scores, or integer outputs, or of the last axis at each position of scores
-    per position (``output_kind``); not for feature outputs of rank >= 3),
+    per position (``output_kind``); not for feature outputs of rank >= 3 or L2-normalized embeddings),
     ``cosine`` (mean over samples of the cosine of each sample's output, padded positions left out)
     and ``worst_cosine``, ``max_abs_error`` and ``mean_abs_error``.
 
@@ -325,7 +325,7 @@ def compare(
     index = _output_index(named, output)
     output_name = named.get_outputs()[index].name
     accuracy = [_Accuracy(dataset) for _ in range(2)] if dataset.labels is not None else None
-    fidelity = OutputFidelity(per_position=scores_per_position(original, output))
+    fidelity = OutputFidelity(output_kind(original, output))
     for i, feed in enumerate(dataset.feeds):
         where = f"{dataset.source} feed {i}"
         if reference_outputs is not None:

@@ -11,9 +11,10 @@ Two kinds of outputs are told apart, because one number cannot judge both:
   sample's output. When the feed carries a padding mask (an integer input named like ``*mask*``,
   shaped ``[N, T]`` like the output's first two axes, holding only 0 and 1), the padded positions are
   left out: their values are never used downstream, and int8 kernels change them the most.
-* **scores per position** — a rank-3 output that the graph shows to be class scores at each position
-  (``output_kind.py``: CTC logits, token tags): agreement counts positions whose argmax over the last
-  axis is unchanged (padded positions left out), beside the cosine.
+What the graph shows (``output_kind.py``) refines this: a rank >= 3 output behind a classifier head
+is **scores per position** (CTC logits, token tags): agreement counts the positions whose argmax over
+the last axis is unchanged (padded positions left out); an L2-normalized ``[N, D]`` output is an
+**embedding**: a feature, judged by cosine only.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def sample_cosines(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarra
 class OutputFidelity:
     """Accumulates, feed by feed, a compressed model's output against the original's."""
 
-    def __init__(self, per_position: bool = False) -> None:
-        self.per_position = per_position
+    def __init__(self, kind: str = "auto") -> None:
+        self.kind = kind  # output_kind: "positions", "embedding" or "auto"
         self.cosines: list[np.ndarray] = []
         self.agree = self.compared = 0
         self.abs_sum = 0.0
@@ -112,8 +113,9 @@ class OutputFidelity:
         self.masked = False  # a padding mask was applied
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, feed: Feed | None = None,
-            per_position: bool | None = None) -> None:
-        """``per_position``: this output is scores per position (default: as given at construction)."""
+            kind: str | None = None) -> None:
+        """``kind``: what this output holds (``output_kind``; default: as given at construction)."""
+        kind = self.kind if kind is None else kind
         mask = padding_mask(feed, reference)
         self.masked |= mask is not None
         self.cosines.append(sample_cosines(reference, candidate, mask))
@@ -127,9 +129,9 @@ class OutputFidelity:
         # A single score is decided at the reference's threshold on both sides: a probability the
         # compressed model pushes to 1.0001 must not switch it to the logit threshold.
         threshold = score_threshold(reference) if is_one_score(reference) else None
-        per_position = (self.per_position if per_position is None else per_position) and reference.ndim >= 3
-        ref_pred = predictions(reference, per_position, threshold)
-        cand_pred = predictions(candidate, per_position, threshold)
+        per_position = kind == "positions" and reference.ndim >= 3
+        ref_pred = None if kind == "embedding" else predictions(reference, per_position, threshold)
+        cand_pred = None if ref_pred is None else predictions(candidate, per_position, threshold)
         if ref_pred is not None and mask is not None and per_position:
             ref_pred, cand_pred = ref_pred[mask], cand_pred[mask]
         if ref_pred is None:

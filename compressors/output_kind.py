@@ -1,16 +1,19 @@
-"""Whether a model's output holds class scores for each position: ``[N, T, classes]`` logits of a
-CTC recognizer (OCR, speech), a token tagger or a language model — read from the graph, because the
-array alone looks like any feature map.
+"""What a model's output holds, read from the graph where the array alone is ambiguous:
 
-Such an output is judged like ``[N, classes]`` scores: the argmax at each position is a decision
-(a character, a tag, a token), so ``agreement`` counts the positions whose argmax is unchanged. A
-cosine of 0.998 over a whole sequence of logits can hide a changed character in half the lines.
-
-The rule: walking back from the output through ops that keep the last axis last (Reshape, Squeeze,
-Unsqueeze, Identity, Cast, a Transpose that leaves the last axis in place, a constant bias Add/Sub),
-the first computing op is a classifier head — Gemm, MatMul with a constant weight, or Softmax /
-LogSoftmax over the last axis. Hidden states end in LayerNormalization, an activation or a residual
-Add; detector heads in Concat / Sigmoid: those stay features, judged by cosine.
+* ``positions`` — class scores for each position, ``[N, T, classes]``: logits of a CTC recognizer
+  (OCR, speech), a token tagger or a language model. Judged like ``[N, classes]`` scores: the argmax
+  at each position is a decision (a character, a tag, a token), so ``agreement`` counts the positions
+  whose argmax is unchanged. A cosine of 0.998 over a sequence of logits can hide a changed character
+  in half the lines.
+  Rule: walking back from the output through ops that keep the last axis last (Reshape, Squeeze,
+  Unsqueeze, Identity, Cast, a Transpose that leaves the last axis in place, a constant bias Add/Sub),
+  the first computing op is a classifier head — Gemm, MatMul with a constant weight, or Softmax /
+  LogSoftmax over the last axis — and the output has rank 3 or more (``fidelity`` checks the rank).
+* ``embedding`` — an L2-normalized vector per sample, ``[N, D]`` (sentence-transformers, CLIP,
+  face and speaker embeddings): compared by cosine, not by an argmax over its dimensions, which
+  decides nothing. Rule: the last computing op is LpNormalization(p=2), or a Div whose divisor is
+  computed from ReduceL2 or from Sqrt of a ReduceSum / ReduceSumSquare.
+* ``auto`` — anything else: rank 2 is class scores, rank >= 3 features (``fidelity``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import os
 import onnx
 
 KEEPS_LAST_AXIS = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+# Between an L2 norm and the Div that applies it: an epsilon floor, a broadcast, a reshape.
+NORM_GLUE = {"Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Identity", "Cast"}
 MAX_STEPS = 32
 
 
-def scores_per_position(model: bytes | str | os.PathLike, output: int | str = 0) -> bool:
-    """True when ``output`` (index or name) of the model is per-position class scores (see above)."""
+def output_kind(model: bytes | str | os.PathLike, output: int | str = 0) -> str:
+    """``positions``, ``embedding`` or ``auto`` for ``output`` (index or name) of the model."""
     if isinstance(model, (bytes, bytearray)):
         return _cached(hashlib.blake2b(model, digest_size=16).hexdigest(), bytes(model), output)
     stat = os.stat(model)
@@ -34,45 +39,77 @@ def scores_per_position(model: bytes | str | os.PathLike, output: int | str = 0)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached(key: str, model: bytes | str, output: int | str) -> bool:
+def _cached(key: str, model: bytes | str, output: int | str) -> str:
     try:
         if isinstance(model, bytes):
             proto = onnx.load_model_from_string(model)
         else:
             proto = onnx.load(model, load_external_data=False)
-    except Exception:  # unreadable here: the benchmark reports that itself; judge as features
-        return False
+    except Exception:  # unreadable here: the benchmark reports that itself
+        return "auto"
     graph = proto.graph
     names = [o.name for o in graph.output]
     name = output if isinstance(output, str) else (names[output] if 0 <= output < len(names) else None)
-    return name is not None and _head(graph, name)
+    return "auto" if name is None else _Graph(graph).kind(name)
 
 
-def _head(graph: onnx.GraphProto, name: str) -> bool:
-    producers = {out: node for node in graph.node for out in node.output}
-    constants = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
-    rank = _declared_rank(graph, name)
-    for _ in range(MAX_STEPS):
-        node = producers.get(name)
-        if node is None or node.domain not in ("", "ai.onnx"):
-            return False
-        op = node.op_type
-        if op == "Gemm" or (op == "MatMul" and node.input[1] in constants):
-            return True
-        if op in ("Softmax", "LogSoftmax"):
-            axis = _attribute(node, "axis", -1)
-            return axis == -1 or (rank is not None and axis == rank - 1)
-        if op == "Transpose":
-            perm = _attribute(node, "perm", None)
-            if perm is None or perm[-1] != len(perm) - 1:
+class _Graph:
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.producers = {out: node for node in graph.node for out in node.output}
+        self.constants = {i.name for i in graph.initializer} | {
+            n.output[0] for n in graph.node if n.op_type == "Constant"}
+
+    def kind(self, name: str) -> str:
+        rank = _declared_rank(self.graph, name)
+        for _ in range(MAX_STEPS):
+            node = self.producers.get(name)
+            if node is None or node.domain not in ("", "ai.onnx"):
+                return "auto"
+            op = node.op_type
+            if op == "Gemm" or (op == "MatMul" and node.input[1] in self.constants):
+                return "positions"
+            if op in ("Softmax", "LogSoftmax"):
+                axis = _attribute(node, "axis", -1)
+                return "positions" if axis == -1 or (rank is not None and axis == rank - 1) else "auto"
+            if op == "LpNormalization":
+                return "embedding" if _attribute(node, "p", 2) == 2 else "auto"
+            if op == "Div" and self.l2_norm(node.input[1]):
+                return "embedding"
+            if op == "Transpose":
+                perm = _attribute(node, "perm", None)
+                if perm is None or perm[-1] != len(perm) - 1:
+                    return "auto"
+            elif op in ("Add", "Sub") and len(node.input) == 2 and (
+                    (node.input[0] in self.constants) != (node.input[1] in self.constants)):
+                name = node.input[1] if node.input[0] in self.constants else node.input[0]  # a bias
+                continue
+            elif op not in KEEPS_LAST_AXIS:
+                return "auto"
+            name = node.input[0]
+        return "auto"
+
+    def l2_norm(self, name: str) -> bool:
+        """``name`` is ||x||₂ (ReduceL2, or Sqrt of a sum of squares), perhaps floored and broadcast."""
+        for _ in range(8):
+            node = self.producers.get(name)
+            if node is None:
                 return False
-        elif op in ("Add", "Sub") and len(node.input) == 2 and (node.input[0] in constants) != (node.input[1] in constants):
-            name = node.input[1] if node.input[0] in constants else node.input[0]  # a bias: follow the other side
-            continue
-        elif op not in KEEPS_LAST_AXIS:
-            return False
-        name = node.input[0]
-    return False
+            if node.op_type == "ReduceL2":
+                return True
+            if node.op_type == "Sqrt":
+                source = self.producers.get(node.input[0])
+                return source is not None and source.op_type in ("ReduceSum", "ReduceSumSquare")
+            if node.op_type not in NORM_GLUE:
+                return False
+            if node.op_type in ("Max", "Add"):  # a floor: the computed side carries the norm
+                computed = [i for i in node.input if i and i not in self.constants]
+                if len(computed) != 1:
+                    return False
+                name = computed[0]
+            else:  # the data input; Expand's / Reshape's shape input is a side input
+                name = node.input[0]
+        return False
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):
@@ -88,4 +125,3 @@ def _declared_rank(graph: onnx.GraphProto, name: str) -> int | None:
         if info.name == name and info.type.tensor_type.HasField("shape"):
             return len(info.type.tensor_type.shape.dim)
     return None
-

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from modelpress.compressors import benchmark
 from modelpress.compressors.fidelity import OutputFidelity
-from modelpress.compressors.output_kind import scores_per_position
+from modelpress.compressors.output_kind import output_kind
 from modelpress.compressors.pipeline import Feed
 
 # Samples used to check outputs against the input model, and the largest model checked (the check
@@ -90,17 +90,17 @@ def fidelity(reference: bytes, candidate: bytes, feeds: list[Feed], threads: int
     ref_session, cand_session = open_session(reference, threads), open_session(candidate, threads)
     measured = OutputFidelity()
     samples = 0
-    per_position = [scores_per_position(reference, i) for i in range(len(ref_session.get_outputs()))]
+    kinds = [output_kind(reference, i) for i in range(len(ref_session.get_outputs()))]
     for feed in feeds:
         if samples >= CHECK_SAMPLES:
             break
         refs = ref_session.run(None, model_feed(ref_session, feed))
         cands = cand_session.run(None, model_feed(cand_session, feed))
         samples += max((len(v) for v in feed.values() if np.ndim(v) > 0), default=1)
-        for r, c, positions in zip(refs, cands, per_position):
+        for r, c, kind in zip(refs, cands, kinds):
             r, c = np.asarray(r), np.asarray(c)
             if np.issubdtype(r.dtype, np.floating):
-                measured.add(r, c, feed, positions)
+                measured.add(r, c, feed, kind)
     metrics = measured.values()
     result: dict[str, Any] = {"samples": samples, "outputs": "scores" if measured.decisions else "features"}
     if "agreement" in metrics:

@@ -11,7 +11,7 @@ from modelpress.compressors.benchmark import compare
 from modelpress.compressors.data import load_data
 from modelpress.compressors.fidelity import OutputFidelity
 from modelpress.compressors.model_inputs import model_inputs
-from modelpress.compressors.output_kind import scores_per_position
+from modelpress.compressors.output_kind import output_kind
 
 CLASSES = 5
 
@@ -44,23 +44,66 @@ def head_model(tail: list[str], softmax_axis: int = -1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("tail, scores", [
-    (["matmul", "bias", "reshape"], True),        # a tagger / CTC head: logits per position
-    (["matmul", "bias", "swap", "softmax"], True),  # time-major probabilities
-    (["layernorm"], False),                       # hidden states
-    (["matmul", "relu"], False),                  # an activation: features
-    (["matmul", "transpose"], False),             # classes no longer on the last axis
-    (["softmax"], True),
+@pytest.mark.parametrize("tail, kind", [
+    (["matmul", "bias", "reshape"], "positions"),        # a tagger / CTC head: logits per position
+    (["matmul", "bias", "swap", "softmax"], "positions"),  # time-major probabilities
+    (["layernorm"], "auto"),                             # hidden states
+    (["matmul", "relu"], "auto"),                        # an activation: features
+    (["matmul", "transpose"], "auto"),                   # classes no longer on the last axis
+    (["softmax"], "positions"),
 ])
-def test_heads_are_told_from_features(tmp_path, tail, scores):
+def test_heads_are_told_from_features(tmp_path, tail, kind):
     path = tmp_path / "m.onnx"
     onnx.save(head_model(tail), path)
-    assert scores_per_position(path) is scores
-    assert scores_per_position(path.read_bytes(), "y") is scores
+    assert output_kind(path) == kind
+    assert output_kind(path.read_bytes(), "y") == kind
 
 
 def test_softmax_over_another_axis_is_not_a_head():
-    assert not scores_per_position(head_model(["softmax"], softmax_axis=1).SerializeToString())
+    assert output_kind(head_model(["softmax"], softmax_axis=1).SerializeToString()) == "auto"
+
+
+def embedding_model(norm: str) -> onnx.ModelProto:
+    """x [N, 8] -> MatMul [8, 6] -> L2-normalized, as exporters write it: ``reducel2`` (torch's
+    F.normalize: ReduceL2, Clip at eps, Expand, Div), ``sqrt`` (Sqrt(ReduceSum(x*x)), Max eps, Div),
+    ``lp`` (LpNormalization), ``scale`` (a Div by a constant: not a norm)."""
+    rng = np.random.default_rng(2)
+    arrays = {"w": rng.normal(size=(8, 6)).astype(np.float32), "axes": np.array([1]),
+              "eps": np.array(1e-12, np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["e"])]
+    if norm == "reducel2":
+        nodes += [helper.make_node("ReduceL2", ["e"], ["n"], axes=[1], keepdims=1),
+                  helper.make_node("Clip", ["n", "eps"], ["c"]), helper.make_node("Shape", ["e"], ["s"]),
+                  helper.make_node("Expand", ["c", "s"], ["d"]), helper.make_node("Div", ["e", "d"], ["y"])]
+    elif norm == "sqrt":
+        nodes += [helper.make_node("Mul", ["e", "e"], ["sq"]), helper.make_node("ReduceSum", ["sq", "axes"], ["ss"]),
+                  helper.make_node("Sqrt", ["ss"], ["n"]), helper.make_node("Max", ["n", "eps"], ["d"]),
+                  helper.make_node("Div", ["e", "d"], ["y"])]
+    elif norm == "lp":
+        nodes += [helper.make_node("LpNormalization", ["e"], ["y"], axis=1, p=2)]
+    else:
+        nodes += [helper.make_node("Div", ["e", "eps"], ["y"])]
+    graph = helper.make_graph(nodes, "embed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("norm, kind", [("reducel2", "embedding"), ("sqrt", "embedding"), ("lp", "embedding"),
+                                        ("scale", "auto")])
+def test_l2_normalized_vectors_are_embeddings(norm, kind):
+    assert output_kind(embedding_model(norm).SerializeToString()) == kind
+
+
+def test_an_embedding_is_judged_by_cosine_not_by_an_argmax(tmp_path):
+    model = embedding_model("reducel2")
+    changed = perturbed(model, "w", scale=0.3)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(3).normal(size=(16, 8)).astype(np.float32))
+    data = load_data(tmp_path / "d.npz", model_inputs(model))
+    _, after = compare(model.SerializeToString(), changed.SerializeToString(), data, FAST)
+    assert "agreement" not in after.metrics and 0.5 < after.metrics["cosine"] < 1.0
 
 
 def tagger_model() -> onnx.ModelProto:
@@ -106,5 +149,5 @@ def test_per_position_can_be_given_per_output():
     as_features.add(reference, candidate)
     assert "agreement" not in as_features.values()
     as_scores = OutputFidelity()
-    as_scores.add(reference, candidate, per_position=True)
+    as_scores.add(reference, candidate, kind="positions")
     assert as_scores.values()["agreement"] == pytest.approx(5 / 6)
