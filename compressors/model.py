@@ -255,6 +255,25 @@ WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1
                  "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 
+def output_channel_axis(node: ir.Node, rank: int) -> int:
+    """The axis of a weight read by ``node`` (at one of its WEIGHT_INPUTS) that indexes the op's
+    output channels (a table's rows): per-channel scales and codebooks run along it."""
+    op = node.op_type
+    if op == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.as_int() else 1
+    if op == "ConvTranspose":
+        return 1
+    if op == "Gather":
+        axis = node.attributes.get("axis")
+        return (axis.as_int() if axis is not None else 0) % rank
+    if op in ("LSTM", "GRU", "RNN"):
+        return 1  # W, R: [directions, gates * hidden, inputs]: a row per gate unit
+    if op == "MatMul":
+        return rank - 1  # [..., K, N]
+    return 0  # Conv: [out, in, ...]
+
+
 def weight_inputs(model: ir.Model, op_types: set[str]) -> Iterator[tuple[ir.Value, str | None]]:
     """Each float initializer of rank >= 2 with its verdict: None if every use is the weight
     input of an op in ``op_types``, else the reason it must be left alone."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.compressors.model import iter_graphs
+from modelpress.compressors.model import iter_graphs, output_channel_axis
 from modelpress.compressors.quantize.graph_edits import const, float_attr, int_attr
 from modelpress.compressors.selection import select_weights
 
@@ -102,7 +102,7 @@ def select_targets(model: ir.Model, config: Int8Config) -> tuple[list[Target], l
         )
         first = next(u.node for u in value.uses() if node_key[id(u.node)] == uses[0].node)
         rank = len(value.const_value.shape)
-        axis = channel_axis(first, rank) if config.per_channel else None
+        axis = output_channel_axis(first, rank) if config.per_channel else None
         targets.append(Target(graph_index[id(value.graph)], value.name, axis, uses))
     # Vectors and scalars are never weight matrices; list them too, so every float tensor left
     # float is accounted for.
@@ -112,22 +112,6 @@ def select_targets(model: ir.Model, config: Int8Config) -> tuple[list[Target], l
             if tensor is not None and tensor.dtype in FLOAT_TYPES and len(tensor.shape) < 2:
                 skipped.append({"tensor": name, "reason": f"rank-{len(tensor.shape)} tensor (bias, scale or constant), kept float"})
     return targets, skipped
-
-
-def channel_axis(node: ir.Node, rank: int) -> int:
-    """The weight axis of the consumer's output channels (or gathered rows)."""
-    op = node.op_type
-    if op == "Gemm":
-        return 0 if int_attr(node, "transB") else 1
-    if op == "Conv":
-        return 0
-    if op == "ConvTranspose":
-        return 1
-    if op == "Gather":
-        return int_attr(node, "axis") % rank
-    if op in ("LSTM", "GRU", "RNN"):
-        return 1  # W, R: [directions, gates * hidden, inputs]: one scale per gate unit
-    return rank - 1  # MatMul: [..., K, N]
 
 
 def mark_kernel_candidates(model: ir.Model, targets: list[Target], config: Int8Config, profile: Profile) -> None:

@@ -1,7 +1,7 @@
 """k-means weight sharing (Deep Compression, Han et al. 2016).
 
-before: float weight initializers of MatMul / Gemm / Conv / ConvTranspose and Gather embedding tables,
-in the main graph or in If/Loop/Scan subgraphs, possibly pruned (exact zeros).
+before: float weight initializers of MatMul / Gemm / Conv / ConvTranspose, Gather embedding tables
+and the W, R of LSTM / GRU / RNN, in the main graph or in If/Loop/Scan subgraphs, possibly pruned (exact zeros).
 after:  each such weight ``W`` becomes two initializers — ``W_kmeans_idx`` (uint8, or packed uint4 when
 bits <= 4) and ``W_kmeans_codebook`` (2^bits values, one codebook per channel group) — plus the
 lookup ``Cast(idx -> int32) [-> Add(group offsets)] -> Gather(codebook)``, whose output takes the
@@ -57,7 +57,7 @@ UINT4_OPSET = 21
 UINT4_IR_VERSION = 10
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-OpType = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"]
+OpType = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN"]
 
 
 # Float vectors that may be shared when ``vectors`` is on: op type -> input positions.
@@ -89,7 +89,7 @@ class KMeansConfig(WeightFilterConfig):
     index_dtype: Literal["auto", "uint8", "uint4"] = "auto"
     # A codebook costs 2^bits floats, so tiny tensors gain little; small classifier heads still do.
     min_elements: int = Field(256, ge=1, description="smaller tensors are left as they are")
-    op_types: tuple[OpType, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+    op_types: tuple[OpType, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN")
     codebook: Literal["kmeans", "uniform"] = Field(
         "kmeans", description="uniform: entries are the integers of a bits-wide grid times step "
         "(entropy-coded uniform quantization: fewer coded bits than Lloyd at the same error)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from modelpress.compressors.model import output_channel_axis
 from modelpress.kernels.kmeans import kmeans_1d, kmeans_vectors
 
 if TYPE_CHECKING:  # the pass module imports this one
@@ -69,18 +70,7 @@ def cluster(weights: np.ndarray, groups: int, axis: int | None, bits: int,
 def channel_axis(value: ir.Value) -> int | None:
     """The output-channel axis of a weight, agreed by all its consumers (None if they disagree)."""
     rank = len(value.shape)
-    axes = set()
-    for use in value.uses():
-        op = use.node.op_type
-        if op == "MatMul":
-            axes.add(rank - 1)
-        elif op == "Gemm":
-            trans_b = use.node.attributes.get("transB")
-            axes.add(0 if trans_b is not None and trans_b.as_int() else 1)
-        elif op == "ConvTranspose":
-            axes.add(1)
-        else:  # Conv: [out, in, ...]; Gather: one row per token
-            axes.add(0)
+    axes = {output_channel_axis(use.node, rank) for use in value.uses()}
     return axes.pop() if len(axes) == 1 else None
 
 

@@ -315,3 +315,26 @@ def test_batchnorm_statistics_are_shared_but_frozen_for_recovery():
     feed = {"x": rng.random((2, 1, 8, 8)).astype(np.float32)}
     expected = _outputs(_reference(original, rewritten), feed)[0]
     assert np.allclose(_outputs(rewritten, feed)[0], expected, atol=1e-5)
+
+
+def test_recurrent_weights_share_per_gate_unit_grids(tmp_path):
+    """LSTM / GRU W and R: one scale per gate unit (axis 1), looked up and folded by ORT at load."""
+    from collections import Counter
+
+    from test_quantize_int8 import _optimized_ops, _recurrent
+
+    path = _recurrent(tmp_path)
+    model = load_model(path)
+    normalize(model)
+    config = KMeansConfig(op_types=("LSTM", "GRU"), codebook="uniform", step=0.05, scale="channel", bits=8)
+    result = KMeansQuantize(config, PassContext(seed=0)).call(model)
+    check_model(result.model)
+    assert result.stats["tensors_clustered"] == 4  # lw, lr, gw, gr; the gate biases are vectors
+    scales = {v.name: v.const_value.shape for v in result.model.graph.initializers.values() if "scale" in v.name}
+    # [directions, gates * hidden, inputs]: a scale per gate unit, shared by the two directions
+    assert sorted(tuple(s) for s in scales.values()) == [(1, 36, 1), (1, 36, 1), (1, 64, 1), (1, 64, 1)]
+    assert _optimized_ops(result.model) == Counter({"LSTM": 1, "GRU": 1})
+    feed = {"x": np.random.default_rng(8).normal(size=(6, 4, 8)).astype(np.float32)}
+    before, after = _outputs(onnx.load(path), feed), _outputs(onnx.load_from_string(to_bytes(result.model)), feed)
+    for a, b in zip(before, after):
+        assert float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
