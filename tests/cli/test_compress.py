@@ -155,6 +155,16 @@ def test_int4_round_to_nearest_needs_no_data(tmp_path, zoo_models):
     assert result.exit_code == 2 and "quantize/int4" in result.output
 
 
+def test_int4_recipe_quantizes_what_int4_cannot_take_to_int8(tmp_path, zoo_models, digits_npz):
+    """A CNN under the int4 recipe: int4 takes the classifier, int8 the convolutions (not left fp32)."""
+    result, out, report_path = _compress(tmp_path, zoo_models("cnn"), digits_npz("cnn"), "int4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    quantized = {p["name"]: p["stats"].get("quantized") for p in report["passes"]}
+    assert set(quantized) == {"int4", "int8"} and "Conv" in quantized["int8"]
+    assert report["original"]["size_bytes"] / report["compressed"]["size_bytes"] > 3.5
+
+
 @pytest.mark.parametrize("samples", [64, 300])
 def test_recipe_calibration_samples_bound_what_the_passes_see(tmp_path, zoo_models, digits_npz, samples):
     recipe = tmp_path / "r.yaml"
