@@ -7,8 +7,10 @@
   in half the lines.
   Rule: walking back from the output through ops that keep the last axis last (Reshape, Squeeze,
   Unsqueeze, Identity, Cast, a Transpose that leaves the last axis in place, a constant bias Add/Sub),
-  the first computing op is a classifier head — Gemm, MatMul with a constant weight, or Softmax /
-  LogSoftmax over the last axis — and the output has rank 3 or more (``fidelity`` checks the rank).
+  the first computing op is a classifier head — a Gemm or MatMul with a constant weight that widens
+  (hidden -> more classes) or whose output is named like ``logits``, or Softmax / LogSoftmax over the
+  last axis — and the output has rank 3 or more (``fidelity`` checks the rank). A linear output
+  projection that keeps or narrows the width (mel frames, token vectors) stays a feature.
 * ``embedding`` — an L2-normalized vector per sample, ``[N, D]`` (sentence-transformers, CLIP,
   face and speaker embeddings): compared by cosine, not by an argmax over its dimensions, which
   decides nothing. Rule: the last computing op is LpNormalization(p=2), or a Div whose divisor is
@@ -59,16 +61,21 @@ class _Graph:
         self.producers = {out: node for node in graph.node for out in node.output}
         self.constants = {i.name for i in graph.initializer} | {
             n.output[0] for n in graph.node if n.op_type == "Constant"}
+        self.shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+        for n in graph.node:
+            value = _attribute(n, "value", None) if n.op_type == "Constant" else None
+            if value is not None and hasattr(value, "dims"):
+                self.shapes[n.output[0]] = tuple(value.dims)
 
     def kind(self, name: str) -> str:
-        rank = _declared_rank(self.graph, name)
+        output, rank = name, _declared_rank(self.graph, name)
         for _ in range(MAX_STEPS):
             node = self.producers.get(name)
             if node is None or node.domain not in ("", "ai.onnx"):
                 return "auto"
             op = node.op_type
             if op == "Gemm" or (op == "MatMul" and node.input[1] in self.constants):
-                return "positions"
+                return "positions" if self.classifier(node, output) else "auto"
             if op in ("Softmax", "LogSoftmax"):
                 axis = _attribute(node, "axis", -1)
                 return "positions" if axis == -1 or (rank is not None and axis == rank - 1) else "auto"
@@ -88,6 +95,20 @@ class _Graph:
                 return "auto"
             name = node.input[0]
         return "auto"
+
+    def classifier(self, node: onnx.NodeProto, output: str) -> bool:
+        """A linear layer at the end is a classifier head when it widens (hidden -> more classes: CTC
+        characters, a vocabulary) or the output is named like logits (exporters' convention for
+        classifier, tagger and CTC heads); a projection that keeps or narrows the width (mel frames,
+        ColBERT token vectors, an output projection) stays features."""
+        if "logit" in output.lower():
+            return True
+        shape = self.shapes.get(node.input[1])
+        if shape is None or len(shape) != 2:
+            return False
+        trans_b = node.op_type == "Gemm" and _attribute(node, "transB", 0)
+        inputs, outputs = (shape[1], shape[0]) if trans_b else (shape[0], shape[1])
+        return outputs > inputs
 
     def l2_norm(self, name: str) -> bool:
         """``name`` is ||x||₂ (ReduceL2, or Sqrt of a sum of squares), perhaps floored and broadcast."""

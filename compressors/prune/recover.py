@@ -27,7 +27,7 @@ integer tensors (k-means indices), graph inputs. ``include``/``exclude`` globs n
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 import onnx_ir as ir
 from pydantic import Field
@@ -57,13 +57,18 @@ AUTO_WORK = 3e11
 # all-MiniLM-L6-v2 (largest trained 589,824) two threads were 1.6x faster (512 sentences, one epoch:
 # 16.2 s -> 10.0 s).
 SINGLE_THREAD_BELOW = 1 << 16
+# ``lr: auto`` tries these (Adam rates from-scratch to fine-tuning) for max(LR_PROBE_MIN_STEPS, a
+# twentieth of the planned steps) each, from the same weights on the same batches, and trains at the best.
+LR_CANDIDATES = (3e-3, 1e-3, 3e-4, 1e-4)
+LR_PROBE_MIN_STEPS = 10
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 
 class RecoverConfig(PassConfig):
     epochs: int | None = Field(None, ge=1, le=100_000, description=f"passes over the data; None: about {AUTO_STEPS} steps, fewer for large models (AUTO_WORK)")
     batch_size: int = Field(64, ge=1, description="samples per step (feeds that cannot be split are used whole)")
-    lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate (cosine decay to 0)")
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | Literal["auto"] = Field(
+        "auto", description="peak learning rate (cosine decay to 0); auto: the best of LR_CANDIDATES over a short probe")
     optimizer: Literal["adam", "sgd"] = "adam"
     schedule: Literal["cosine", "constant"] = "cosine"
     loss: Literal["auto", "kl", "mse"] = Field("auto", description="auto: kl for [N, C] outputs, else mse")

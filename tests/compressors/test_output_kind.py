@@ -16,13 +16,13 @@ from modelpress.compressors.output_kind import output_kind
 CLASSES = 5
 
 
-def head_model(tail: list[str], softmax_axis: int = -1) -> onnx.ModelProto:
-    """x [N, T, 8] -> ``tail`` ops in order, each reading the previous value, -> y.
+def head_model(tail: list[str], softmax_axis: int = -1, classes: int = CLASSES, output: str = "y") -> onnx.ModelProto:
+    """x [N, T, 4] -> ``tail`` ops in order, each reading the previous value, -> ``output``.
     Op names: matmul (constant weight), bias, reshape (to [N, -1, classes]), transpose (swaps the
     last two axes), swap (the first two: the last stays), layernorm, softmax, relu."""
     rng = np.random.default_rng(0)
-    arrays = {"w": rng.normal(size=(8, CLASSES)).astype(np.float32), "b": rng.normal(size=CLASSES).astype(np.float32),
-              "shape": np.array([0, -1, CLASSES]), "g": np.ones(8, np.float32)}
+    arrays = {"w": rng.normal(size=(4, classes)).astype(np.float32), "b": rng.normal(size=classes).astype(np.float32),
+              "shape": np.array([0, -1, classes]), "g": np.ones(4, np.float32)}
     nodes, value = [], "x"
     for i, op in enumerate(tail):
         out = f"v{i}"
@@ -37,9 +37,9 @@ def head_model(tail: list[str], softmax_axis: int = -1) -> onnx.ModelProto:
             "relu": lambda v: helper.make_node("Relu", [v], [out]),
         }[op](value))
         value = out
-    nodes.append(helper.make_node("Identity", [value], ["y"]))
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    nodes.append(helper.make_node("Identity", [value], [output]))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(a, k) for k, a in arrays.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -57,6 +57,15 @@ def test_heads_are_told_from_features(tmp_path, tail, kind):
     onnx.save(head_model(tail), path)
     assert output_kind(path) == kind
     assert output_kind(path.read_bytes(), "y") == kind
+
+
+@pytest.mark.parametrize("classes, output, kind", [
+    (3, "y", "auto"),          # 4 -> 3: a projection (mel frames, token vectors), not a classifier
+    (4, "y", "auto"),          # 4 -> 4: an output projection
+    (3, "logits", "positions"),  # exporters name classifier / CTC / tagger heads logits
+])
+def test_a_narrowing_projection_is_a_head_only_when_named_logits(classes, output, kind):
+    assert output_kind(head_model(["matmul", "bias"], classes=classes, output=output).SerializeToString()) == kind
 
 
 def test_softmax_over_another_axis_is_not_a_head():
