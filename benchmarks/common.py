@@ -71,8 +71,8 @@ def section_head(begin: str, title: str, script: str, env: dict, commands: list[
             f"{env['load_avg_1m']:.2f}."]
 
 
-def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int) -> dict:
-    """``modelpress compress`` as a subprocess: exit (or "timeout"), seconds, and from its report the
+def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int, eval_data: Path | None = None) -> dict:
+    """``modelpress compress`` as a subprocess (``--eval-data`` when ``eval_data`` is given): exit (or "timeout"), seconds, and from its report the
     runnable size and p50 latency against the original's and the metrics; the error line of an exit 2 / 3
     (``note``, with the whole ``output``), the missed gates of an exit 1."""
     out = work / f"{model.stem}.{recipe}.onnx"
@@ -80,6 +80,8 @@ def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int) -
     report.unlink(missing_ok=True)  # a stale report of an earlier run must not be read as this one's
     command = [sys.executable, "-m", "modelpress", "compress", str(model), "--recipe", recipe, "--data",
                str(data), "--output", str(out), "--report-json", str(report), "--quiet", "--force"]
+    if eval_data is not None:
+        command += ["--eval-data", str(eval_data)]
     row = {"recipe": recipe, "command": shlex.join(["modelpress", *command[3:]])}
     start = time.perf_counter()
     try:
@@ -111,13 +113,13 @@ def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int) -
 
 
 def run_recipes(results: dict[str, list[dict]], name: str, model: Path, recipes: list[str], data: Path, work: Path,
-                timeout: int, summary, save=None) -> None:
+                timeout: int, summary, save=None, eval_data: Path | None = None) -> None:
     """Each recipe on one model through ``run_recipe``, its rows in ``results[name]``, progress on stderr
     (``summary(row)``: the row's figures); ``save()`` after every row, so an interrupted run keeps them."""
     results[name] = []
     for recipe in recipes:
         print(f"[{name}] {recipe} ...", file=sys.stderr, flush=True)
-        results[name].append(row := run_recipe(model, recipe, data, work, timeout))
+        results[name].append(row := run_recipe(model, recipe, data, work, timeout, eval_data))
         if "output" in row:
             print(f"  exit {row['exit']}: {row['command']}\n  {row['note']}", file=sys.stderr)
         print("  " + summary(row), file=sys.stderr, flush=True)
