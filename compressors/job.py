@@ -12,10 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx_ir as ir
+
 from modelpress.compressors import benchmark, data as data_io, synthetic
 from modelpress.compressors.environment import environment
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import (
+    QUANTIZED_OPS,
     check_output_path,
     fits_in_protobuf,
     load_model,
@@ -91,8 +94,11 @@ def _check_trainable(model, recipe, path) -> None:
 
     problems = unsupported(model)
     if problems:
-        raise InputError(f"{path}: the recipe's recover step trains the model in torch, which cannot run it: "
-                         f"{'; '.join(problems)}. Use a recipe without recover (e.g. sparse-50, int8)")
+        quantized = any(node.op_type in QUANTIZED_OPS for node in ir.traversal.RecursiveGraphIterator(model.graph))
+        cause = "the model is already quantized, and " if quantized else ""
+        raise InputError(f"{path}: {cause}the recipe's recover step trains the model in torch, which cannot run it: "
+                         f"{'; '.join(problems)}. Use a recipe without recover (e.g. sparse-50, int8)"
+                         + (", or compress the float model it was quantized from" if quantized else ""))
 
 
 def compress(request: CompressRequest, progress: Progress | None = None) -> Report:

@@ -256,6 +256,27 @@ def test_recover_on_ops_torch_cannot_run_is_exit_2_before_any_pass(tmp_path):
     assert not out.exists() and not report.exists()
 
 
+def test_recover_on_an_already_quantized_model_says_so(tmp_path):
+    """An int8 MatMulInteger model under structured-50: exit 2 that names the cause first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {"w": rng.integers(-100, 100, (16, 4)).astype(np.int8), "zero": np.array(0, np.int8)}
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "scale", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz", "zero"], ["acc"], name="mmi"),
+             helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "quantized", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(8, 16)).astype(np.float32))
+    result, out, report = _compress(tmp_path, tmp_path / "m.onnx", tmp_path / "d.npz", "structured-50")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "already quantized" in message and "MatMulInteger" in message and "float model" in message
+    assert not out.exists() and not report.exists()
+
+
 def _initializers_as_inputs(path, out, batch: int | None = None) -> None:
     """The model with every initializer also listed as a graph input — IR 3 files of the ONNX model zoo,
     torch's ``keep_initializers_as_inputs=True`` — and optionally a batch fixed at ``batch``."""
