@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 
@@ -34,25 +33,41 @@ MAX_STEPS = 32
 
 def output_kind(model: bytes | str | os.PathLike, output: int | str = 0) -> str:
     """``positions``, ``embedding`` or ``auto`` for ``output`` (index or name) of the model."""
+    kinds = output_kinds(model)
+    if isinstance(output, str):
+        return kinds.get(output, "auto")
+    return list(kinds.values())[output] if 0 <= output < len(kinds) else "auto"
+
+
+def output_kinds(model: bytes | str | os.PathLike) -> dict[str, str]:
+    """The kind of every graph output, by name in graph order; the model is read once per content
+    (bytes: by hash; a file: by path, size and mtime), however many outputs and callers ask."""
     if isinstance(model, (bytes, bytearray)):
-        return _cached(hashlib.blake2b(model, digest_size=16).hexdigest(), bytes(model), output)
-    stat = os.stat(model)
-    return _cached(f"{os.fspath(model)}:{stat.st_size}:{stat.st_mtime_ns}", os.fspath(model), output)
+        key = hashlib.blake2b(model, digest_size=16).hexdigest()
+    else:
+        stat = os.stat(model)
+        key = f"{os.fspath(model)}:{stat.st_size}:{stat.st_mtime_ns}"
+    if key not in _KINDS:
+        if len(_KINDS) >= CACHED_MODELS:
+            _KINDS.pop(next(iter(_KINDS)))
+        _KINDS[key] = _read_kinds(model)
+    return _KINDS[key]
 
 
-@functools.lru_cache(maxsize=16)
-def _cached(key: str, model: bytes | str, output: int | str) -> str:
+_KINDS: dict[str, dict[str, str]] = {}  # content key -> output kinds (small: never the model itself)
+CACHED_MODELS = 16
+
+
+def _read_kinds(model: bytes | str | os.PathLike) -> dict[str, str]:
     try:
-        if isinstance(model, bytes):
-            proto = onnx.load_model_from_string(model)
+        if isinstance(model, (bytes, bytearray)):
+            proto = onnx.load_model_from_string(bytes(model))
         else:
-            proto = onnx.load(model, load_external_data=False)
+            proto = onnx.load(os.fspath(model), load_external_data=False)
     except Exception:  # unreadable here: the benchmark reports that itself
-        return "auto"
-    graph = proto.graph
-    names = [o.name for o in graph.output]
-    name = output if isinstance(output, str) else (names[output] if 0 <= output < len(names) else None)
-    return "auto" if name is None else _Graph(graph).kind(name)
+        return {}
+    graph = _Graph(proto.graph)
+    return {o.name: graph.kind(o.name) for o in proto.graph.output}
 
 
 class _Graph:

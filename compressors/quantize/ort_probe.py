@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from modelpress.compressors import benchmark
 from modelpress.compressors.fidelity import OutputFidelity
-from modelpress.compressors.output_kind import output_kind
+from modelpress.compressors.output_kind import output_kinds
 from modelpress.compressors.pipeline import Feed
 
 # Samples used to check outputs against the input model, and the largest model checked (the check
@@ -90,7 +90,8 @@ def fidelity(reference: bytes, candidate: bytes, feeds: list[Feed], threads: int
     ref_session, cand_session = open_session(reference, threads), open_session(candidate, threads)
     measured = OutputFidelity()
     samples = 0
-    kinds = [output_kind(reference, i) for i in range(len(ref_session.get_outputs()))]
+    known = output_kinds(reference)
+    kinds = [known.get(o.name, "auto") for o in ref_session.get_outputs()]
     for feed in feeds:
         if samples >= CHECK_SAMPLES:
             break
