@@ -12,17 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx_ir as ir
-
 from modelpress.compressors import benchmark, data as data_io, synthetic
 from modelpress.compressors.environment import environment
 from modelpress.compressors.errors import InputError
 from modelpress.compressors.model import (
-    QUANTIZED_OPS,
     check_output_path,
     fits_in_protobuf,
     load_model,
     normalize,
+    quantized_nodes,
     save_model,
     to_bytes,
     write_atomic,
@@ -94,7 +92,7 @@ def _check_trainable(model, recipe, path) -> None:
 
     problems = unsupported(model)
     if problems:
-        quantized = any(node.op_type in QUANTIZED_OPS for node in ir.traversal.RecursiveGraphIterator(model.graph))
+        quantized = quantized_nodes(model) > 0
         cause = "the model is already quantized, and " if quantized else ""
         raise InputError(f"{path}: {cause}the recipe's recover step trains the model in torch, which cannot run it: "
                          f"{'; '.join(problems)}. Use a recipe without recover (e.g. sparse-50, int8)"

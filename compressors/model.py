@@ -102,7 +102,7 @@ def normalize(model: ir.Model) -> list[str]:
     )
     if subgraph_weights:
         quirks.append(f"{subgraph_weights} initializer(s) live inside If/Loop/Scan subgraphs")
-    quantized = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type in QUANTIZED_OPS)
+    quantized = quantized_nodes(model)
     if quantized:
         quirks.append(f"the model is already quantized ({quantized} quantize/integer node(s)): its integer weights "
                       "stay as they are; passes see only its float weights")
@@ -110,6 +110,11 @@ def normalize(model: ir.Model) -> list[str]:
     if shared:
         quirks.append(f"{len(shared)} initializer(s) are shared by several nodes")
     return quirks
+
+
+def quantized_nodes(model: ir.Model) -> int:
+    """How many quantize / integer-kernel nodes (QUANTIZED_OPS) the model holds, subgraphs included."""
+    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type in QUANTIZED_OPS)
 
 
 def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
