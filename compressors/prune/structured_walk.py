@@ -307,24 +307,27 @@ class Walker:
 # Each returns True when the op leaves axis ``axis`` (of ``size`` entries) whole, else why not.
 
 
+MISSING = object()  # an optional parameter that is absent (its default applies)
+
+
 def _operand(node: ir.Node, index: int, attribute: str):
-    """A parameter given as an attribute (old opsets) or as a constant input (new ones); "missing"
+    """A parameter given as an attribute (old opsets) or as a constant input (new ones); MISSING
     when absent, None when computed."""
     value = attr_value(node, attribute)
     if value is not None:
         return np.asarray(value)
     if len(node.inputs) <= index or node.inputs[index] is None:
-        return "missing"
+        return MISSING
     return constant(node.inputs[index])
 
 
 def slice_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
     starts, ends = _operand(node, 1, "starts"), _operand(node, 2, "ends")
     axes, steps = _operand(node, 3, "axes"), _operand(node, 4, "steps")
-    if any(v is None for v in (starts, ends, axes, steps)) or isinstance(starts, str) or isinstance(ends, str):
+    if any(v is None for v in (starts, ends, axes, steps)) or starts is MISSING or ends is MISSING:
         return "its starts / ends / axes / steps are computed"
-    axes = range(len(starts)) if isinstance(axes, str) else [int(a) + rank if a < 0 else int(a) for a in axes]
-    steps = [1] * len(starts) if isinstance(steps, str) else steps
+    axes = range(len(starts)) if axes is MISSING else [int(a) + rank if a < 0 else int(a) for a in axes]
+    steps = [1] * len(starts) if steps is MISSING else steps
     for a, start, end, step in zip(axes, starts, ends, steps):
         # Whole: from the first entry (0, or a negative start at or before it) to at least the last.
         if a == axis and not (step == 1 and (start == 0 or start <= -size) and end >= size):
@@ -334,9 +337,9 @@ def slice_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
 
 def pad_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
     pads, axes = _operand(node, 1, "pads"), _operand(node, 3, "axes")
-    if pads is None or isinstance(pads, str) or axes is None:
+    if pads is None or pads is MISSING or axes is None:
         return "its pads are computed"
-    axes = list(range(rank)) if isinstance(axes, str) else [int(a) + rank if a < 0 else int(a) for a in axes]
+    axes = list(range(rank)) if axes is MISSING else [int(a) + rank if a < 0 else int(a) for a in axes]
     if axis in axes:
         i = axes.index(axis)
         if pads[i] != 0 or pads[i + len(axes)] != 0:
@@ -350,7 +353,7 @@ def scale_keeps_axis(node: ir.Node, axis: int, rank: int, size: int):
         return "its output sizes name the channel count"  # a constant would need rewriting; rare in exports
     # Upsample: attribute (opset 7) or input 1; Resize: input 1 in opset 10 (X, scales), else input 2.
     scales = _operand(node, 1 if node.op_type == "Upsample" or len(inputs) == 2 else 2, "scales")
-    if scales is None or isinstance(scales, str):
+    if scales is None or scales is MISSING:
         return "its scales are computed"
     axes = attr_value(node, "axes") or range(rank)  # Resize-18 may scale only the listed axes
     axes = [int(a) + rank if a < 0 else int(a) for a in axes]
