@@ -218,6 +218,15 @@ def fidelity(model: Path, reference: list[np.ndarray], outputs: list[np.ndarray]
     return {k: values[k] for k in ("cosine", "agreement") if k in values}
 
 
+def add_ort_options(parser) -> None:
+    """The options of the ORT quantize_dynamic comparison row (``run_ort_dynamic`` reads them)."""
+    ort = parser.add_argument_group("the ORT quantize_dynamic row (timed as the recipes' benchmark times)")
+    ort.add_argument("--no-ort", action="store_true", help="skip it")
+    ort.add_argument("--threads", type=int, default=2, help="intra-op threads (the recipes' own: 2)")
+    ort.add_argument("--runs", type=int, default=50, help="timed runs")
+    ort.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+
+
 def run_ort_dynamic(model: Path, feeds: list[dict], work: Path, args) -> dict:
     from onnxruntime.quantization import quantize_dynamic
 
@@ -294,10 +303,7 @@ def markdown(table, env: dict, command: str, models: dict[str, Path], args) -> s
 
 def main(argv=None) -> int:
     parser = sweep_parser(__doc__.splitlines()[0], ",".join(MODELS), RECIPES, 600, RESULTS)
-    parser.add_argument("--no-ort", action="store_true", help="skip the ORT quantize_dynamic rows")
-    parser.add_argument("--threads", type=int, default=2, help="ORT rows: intra-op threads (the recipes' own: 2)")
-    parser.add_argument("--runs", type=int, default=50, help="ORT rows: timed runs (as the recipes' benchmark)")
-    parser.add_argument("--warmup", type=int, default=5)
+    add_ort_options(parser)
     args = parser.parse_args(argv)
     command = command_line(__file__, REPO, argv)
     names, recipes = split_names(args.models), split_names(args.recipes)

@@ -140,11 +140,7 @@ def markdown(table, env: dict, command: str, args) -> str:
 
 def main(argv=None) -> int:
     parser = common.sweep_parser(__doc__.splitlines()[0], NAME, RECIPES, 1200, RESULTS)
-    ort = parser.add_argument_group("the ORT quantize_dynamic row (timed as the recipes' benchmark times)")
-    ort.add_argument("--no-ort", action="store_true", help="skip it")
-    ort.add_argument("--threads", type=int, default=2, help="intra-op threads (the recipes' own: 2)")
-    ort.add_argument("--runs", type=int, default=50, help="timed runs")
-    ort.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    thirdparty.add_ort_options(parser)
     args = parser.parse_args(argv)
     command = common.command_line(__file__, REPO, argv)
     if common.names(args.models) != [NAME]:
