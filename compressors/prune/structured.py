@@ -38,10 +38,12 @@ import onnx_ir as ir
 from modelpress.compressors.pipeline import Pass, PassResult
 from modelpress.compressors.prune.structured_bias import (
     ChannelStats,
+    drop_if_unused,
     fold_means,
     unique_name,
 )
 from modelpress.compressors.prune.structured_groups import ChannelGroup, find_groups
+from modelpress.compressors.prune.structured_split import apply_split_sizes
 from modelpress.compressors.prune.structured_walk import (
     Consumer,
     Place,
@@ -182,6 +184,7 @@ def _weight_importance(group: ChannelGroup, criterion: str) -> np.ndarray:
     total = np.zeros(group.count)
     for source in group.sources:
         weights = np.moveaxis(constant(source.weight).astype(np.float64), source.weight_axis, 0)
+        weights = weights[source.start: source.start + source.count * source.unit]
         flat = np.abs(weights.reshape(group.count, -1))
         norms = flat.sum(axis=1) if criterion == "l1" else np.sqrt((flat * flat).sum(axis=1))
         if source.bn_scale is not None:
@@ -221,6 +224,7 @@ def _apply(model: ir.Model, removals: dict, deltas: dict, groups: list[ChannelGr
         channels = constant(node.inputs[1]).shape[0]
         node.attributes["group"] = ir.AttrInt64("group", channels // multiplier)
     _rewrite_reshape_dims(model, groups, removed)
+    apply_split_sizes(model, groups, removed)
     for group in groups:
         flattened = {id(node): node for source in group.sources for node in source.reshapes}
         for source in group.sources:
@@ -234,7 +238,7 @@ def _apply(model: ir.Model, removals: dict, deltas: dict, groups: list[ChannelGr
                 model.graph.register_initializer(target)
                 old = node.inputs[1]
                 node.replace_input_with(1, target)
-                _drop_if_unused(model, old)
+                drop_if_unused(model, old)
             for value in source.touched:
                 if not value.is_graph_input() and not value.is_graph_output():
                     value.shape = None  # stale: onnxruntime re-infers shapes at load
@@ -264,7 +268,7 @@ def _rewrite_reshape_dims(model: ir.Model, groups: list[ChannelGroup], removed: 
         model.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(target, name=name)))
         old = node.inputs[1]
         node.replace_input_with(1, model.graph.initializers[name])
-        _drop_if_unused(model, old)
+        drop_if_unused(model, old)
 
 
 def _rewrite_concat_target(model: ir.Model, node: ir.Node, by_pos: dict[int, int]) -> None:
@@ -289,7 +293,7 @@ def _rewrite_concat_target(model: ir.Model, node: ir.Node, by_pos: dict[int, int
             old = concat.inputs[j]
             if new is not old:
                 concat.replace_input_with(j, new)
-                _drop_if_unused(model, old)
+                drop_if_unused(model, old)
         return
     own = ir.node("Concat", inputs, {"axis": attr_value(concat, "axis", 0)},
                   name=unique_name(model, f"{concat.name or 'concat'}_pruned"))
@@ -326,7 +330,7 @@ def _slice_constants(model: ir.Model, removals: dict, deltas: dict) -> list[str]
             model.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(
                 _edited(constant(value), axes, delta), name=name)))
             node.replace_input_with(index, model.graph.initializers[name])
-        _drop_if_unused(model, value)
+        drop_if_unused(model, value)
     return copied
 
 
@@ -351,20 +355,6 @@ def _sliced(array: np.ndarray, axes: dict[int, set[int]]) -> np.ndarray:
         keep = np.setdiff1d(np.arange(array.shape[axis]), np.fromiter(positions, dtype=np.int64))
         array = np.take(array, keep, axis=axis)
     return np.ascontiguousarray(array)
-
-
-def _drop_if_unused(model: ir.Model, value: ir.Value | None) -> None:
-    """Remove a constant (and the Identity / Constant nodes leading to it) nothing reads any more."""
-    while value is not None and not value.uses() and not value.is_graph_output():
-        producer = value.producer()
-        if producer is None:
-            if value.is_initializer():
-                model.graph.initializers.pop(value.name)
-            return
-        if producer.op_type not in ("Identity", "Constant") or producer.graph is not model.graph:
-            return
-        value = producer.inputs[0] if producer.op_type == "Identity" else None
-        model.graph.remove(producer, safe=True)  # safe: its inputs stop counting it as a use
 
 
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:

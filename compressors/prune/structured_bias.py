@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from modelpress.compressors.prune.structured_walk import (
+from modelpress.compressors.prune.structured_place import (
     Consumer,
     Place,
     attr_value,
@@ -107,3 +107,17 @@ def unique_name(model: ir.Model, name: str) -> str:
     while candidate in taken:
         candidate, i = f"{name}_{i}", i + 1
     return candidate
+
+
+def drop_if_unused(model: ir.Model, value: ir.Value | None) -> None:
+    """Remove a constant (and the Identity / Constant nodes leading to it) nothing reads any more."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if producer is None:
+            if value.is_initializer():
+                model.graph.initializers.pop(value.name)
+            return
+        if producer.op_type not in ("Identity", "Constant") or producer.graph is not model.graph:
+            return
+        value = producer.inputs[0] if producer.op_type == "Identity" else None
+        model.graph.remove(producer, safe=True)  # safe: its inputs stop counting it as a use

@@ -12,7 +12,9 @@ How: from every source, the positions of its channels are followed forward throu
 state on a value is (axis, offset, block, count): channel ``c`` occupies positions
 ``offset + c*block .. offset + (c+1)*block - 1`` along ``axis``. Element-wise ops pass the state
 through (a constant operand with the full channel axis is sliced — biases, BatchNorm statistics);
-``Concat`` on the channel axis shifts ``offset``; ``Flatten`` of [N, C, H, W] multiplies ``block``
+``Concat`` on the channel axis shifts ``offset``; a ``Split`` passes them to the output that holds
+them (when it cuts one source's channels into parts, each part becomes a source of its own, walked
+separately: ``structured_split.py``); ``Flatten`` of [N, C, H, W] multiplies ``block``
 by H*W; a depthwise Conv maps input to output channels; Conv/Gemm/MatMul consumers lose the matching
 input slices and end the walk. A residual ``Add``/``Mul`` of two computed values *ties* them: the
 other operand's channels must come from a source at the same positions, and the two sources are
@@ -41,6 +43,7 @@ from modelpress.compressors.prune.structured_walk import (
     attr_value,
     constant,
 )
+from modelpress.compressors.prune.structured_split import NeedSplit, part_sources
 
 
 @dataclass
@@ -171,22 +174,12 @@ def find_groups(model: ir.Model) -> tuple[list[ChannelGroup], list[dict[str, str
             if known is None or len(known) == len(dims):
                 shapes[name] = [k if k is not None else (d if isinstance(d, int) else None)
                                 for k, d in zip(known or [None] * len(dims), dims)]
-    sources, skipped = find_sources(model, shapes)
-    for i, source in enumerate(sources):
-        if source.count < 2:
-            source.reason = "fewer than 2 output channels"
-            continue
-        try:
-            Walker(model, shapes, source, symbols, missing).run()
-        except NeedUnit as exc:  # attention heads: walk again, a head at a time
-            sources[i] = source = Source(source.node, source.weight, source.weight_axis,
-                                         source.count // exc.unit, exc.unit)
-            try:
-                Walker(model, shapes, source, symbols, missing).run()
-            except Unprunable as again:
-                source.reason = str(again)
-        except Unprunable as exc:
-            source.reason = str(exc)
+    found, skipped = find_sources(model, shapes)
+    def walk(source: Source) -> None:
+        Walker(model, shapes, source, symbols, missing).run()
+
+    sources = [walked for source in found for walked in _walk(walk, source)]
+    for source in sources:
         _note_batchnorm(source)
     _check_fixed_sizes(sources)
 
@@ -227,6 +220,28 @@ def find_groups(model: ir.Model) -> tuple[list[ChannelGroup], list[dict[str, str
     return groups, skipped
 
 
+def _walk(walk, source: Source) -> list[Source]:
+    """``source`` walked (its findings or its reason filled in): as it is, as attention heads when a
+    Reshape splits its channels into units, or as one source per part when a Split hands them out."""
+    if source.count < 2:
+        source.reason = "fewer than 2 output channels"
+        return [source]
+    try:
+        walk(source)
+    except NeedUnit as exc:
+        if source.unit > 1:
+            source.reason = str(exc)
+            return [source]
+        heads = Source(source.node, source.weight, source.weight_axis, source.count // exc.unit, exc.unit,
+                       start=source.start, part=source.part)
+        return _walk(walk, heads)
+    except NeedSplit as exc:
+        return [walked for part in part_sources(source, exc.cuts) for walked in _walk(walk, part)]
+    except Unprunable as exc:
+        source.reason = str(exc)
+    return [source]
+
+
 def _check_fixed_sizes(sources: list[Source]) -> None:
     """A computed Reshape target reads sizes (batch, sequence, head_dim) that must stay as they are:
     a source whose target reads an axis where some source's channels lie is left alone (whether that
@@ -255,7 +270,9 @@ def _note_batchnorm(source: Source) -> None:
         return
     bn = uses[0].node
     gamma, var = constant(bn.inputs[1]), constant(bn.inputs[4])
-    if gamma is None or var is None or source.unit != 1 or gamma.shape != (source.count,):
+    if gamma is None or var is None or source.unit != 1 or gamma.shape != var.shape or gamma.ndim != 1 \
+            or source.start + source.count > gamma.shape[0]:
         return
+    gamma, var = (a[source.start: source.start + source.count] for a in (gamma, var))
     eps = attr_value(bn, "epsilon", 1e-5)
     source.bn_scale = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)

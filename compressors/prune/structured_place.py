@@ -65,6 +65,8 @@ class Source:
     weight_axis: int  # the weight's output-channel axis
     count: int  # prunable units (output channels, or attention heads when unit > 1)
     unit: int = 1  # consecutive output channels per unit
+    start: int = 0  # its first output channel: a layer whose channels a Split hands out is one source per part
+    part: bool = False  # one of those parts
     edits: list[Edit] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     touched: list[ir.Value] = field(default_factory=list)  # values whose shape changes
@@ -76,12 +78,15 @@ class Source:
     # (value, axis, Reshape node): computed Reshape target entries read these sizes, which must not change
     fixed: list[tuple[str, int, str]] = field(default_factory=list)
     ties: list[tuple[ir.Value, Place, str]] = field(default_factory=list)  # (other value, place, node)
+    splits: list[tuple[ir.Node, int, int, tuple[int, ...]]] = field(default_factory=list)  # (Split, output,
+    # positions per unit, its sizes before pruning): that output loses removed * positions per unit
     bn_scale: np.ndarray | None = None  # |gamma| / sqrt(var + eps) of a BatchNorm right after it
     reason: str | None = None
 
     @property
     def label(self) -> str:
-        return self.weight.name or self.node.name or self.node.op_type
+        name = self.weight.name or self.node.name or self.node.op_type
+        return f"{name}[{self.start}:{self.start + self.count * self.unit}]" if self.part else name
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:

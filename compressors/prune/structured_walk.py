@@ -25,6 +25,7 @@ from modelpress.compressors.prune.structured_place import (  # noqa: F401  (re-e
     constant,
 )
 from modelpress.compressors.prune.structured_reshape import reshape, shape_read
+from modelpress.compressors.prune.structured_split import walk_split
 
 UNARY = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
@@ -58,8 +59,9 @@ class Walker:
     def run(self) -> None:
         src = self.source
         node = src.node
-        unit = Place(src.weight_axis, 0, src.unit, src.count)
+        unit = Place(src.weight_axis, src.start, src.unit, src.count)
         src.edits.append(Edit(src.weight, unit, node, 1))
+        channels = constant(src.weight).shape[src.weight_axis]
         out = node.outputs[0]
         rank = self.rank(out)
         axis = 1 if node.op_type in ("Conv", "Gemm") else rank - 1
@@ -68,11 +70,11 @@ class Walker:
             array = constant(bias)
             if array is None:
                 raise Unprunable(f"{node.op_type} node {node.name!r}: its bias is computed, not a constant")
-            if array.ndim >= 1 and array.shape[-1] == src.count * src.unit:
-                self.edit(bias, Place(array.ndim - 1, 0, src.unit, src.count), node)
+            if array.ndim >= 1 and array.shape[-1] == channels:
+                self.edit(bias, Place(array.ndim - 1, src.start, src.unit, src.count), node)
             elif array.size != 1:
                 raise Unprunable(f"{node.op_type} node {node.name!r}: bias of shape {list(array.shape)}")
-        self.follow(out, Place(axis, 0, src.unit, src.count))
+        self.follow(out, Place(axis, src.start, src.unit, src.count))
 
     # ----- helpers
 
@@ -205,6 +207,8 @@ class Walker:
             return self.reduce(node, place, rank)
         if op == "Concat":
             return self.concat(node, index, value, place)
+        if op == "Split" and index == 0:
+            return walk_split(self, node, value, place)
         if op in SPATIAL and index == 0:
             return self.spatial(node, place, rank)
         raise Unprunable(f"consumer {op} node {name!r} (input {index}) does not pass channels through")

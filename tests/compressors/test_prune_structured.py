@@ -16,6 +16,7 @@ from modelpress.compressors.prune.structured import (
     kept_count,
 )
 from modelpress.compressors.registry import PASSES
+from modelpress.compressors.prune.structured_place import constant
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -435,3 +436,55 @@ def test_channels_pass_through_crops_pads_and_upsampling(tmp_path, opset):
 
 def test_a_slice_that_crops_channels_stops_the_group(tmp_path):
     assert "Slice node 'crop': it crops the channel axis" in skip_reasons(_spatial_chain(17, True), tmp_path)["w1"]
+
+
+def _c2f(opset: int) -> onnx.ModelProto:
+    """YOLOv8's C2f block: conv_1(8) -> SiLU -> Split in halves a, b; b -> conv_2 -> SiLU -> conv_3,
+    residual Add to b = c; Concat(a, b, c) -> conv_4. conv_1's channels 1, 2 (in a) and 5 (in b), and
+    conv_3's channel 1 (added to b's channel 5) are all zero, and so is conv_2's channel 3. The split
+    sizes: an attribute (opset 11), a constant input (13), none with ``num_outputs`` (18)."""
+    rng = np.random.default_rng(9)
+    w1, b1 = _conv(rng, 8, 3)
+    w2, b2 = _conv(rng, 4, 4)
+    w3, b3 = _conv(rng, 4, 4)
+    w4, b4 = _conv(rng, 5, 12)
+    w1[[1, 2, 5]], b1[[1, 2, 5]], w3[1], b3[1], w2[3], b2[3] = 0, 0, 0, 0, 0, 0
+    arrays = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3, "w4": w4, "b4": b4}
+    if opset == 11:
+        split = helper.make_node("Split", ["s1"], ["a", "b"], name="split", axis=1, split=[4, 4])
+    elif opset == 13:
+        arrays["sizes"] = np.array([4, 4], np.int64)
+        split = helper.make_node("Split", ["s1", "sizes"], ["a", "b"], name="split", axis=1)
+    else:
+        split = helper.make_node("Split", ["s1"], ["a", "b"], name="split", axis=1, num_outputs=2)
+
+    def silu(x, y):
+        return [helper.make_node("Sigmoid", [x], [f"{y}_sig"]), helper.make_node("Mul", [x, f"{y}_sig"], [y])]
+
+    pads = [1, 1, 1, 1]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv_1", pads=pads), *silu("c1", "s1"), split,
+             helper.make_node("Conv", ["b", "w2", "b2"], ["c2"], name="conv_2", pads=pads), *silu("c2", "s2"),
+             helper.make_node("Conv", ["s2", "w3", "b3"], ["c3"], name="conv_3", pads=pads),
+             helper.make_node("Add", ["b", "c3"], ["c"], name="residual"),
+             helper.make_node("Concat", ["a", "b", "c"], ["cat"], name="concat", axis=1),
+             helper.make_node("Conv", ["cat", "w4", "b4"], ["y"], name="conv_4")]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6, 6])
+    graph = helper.make_graph(nodes, "c2f", [image("x", 3)], [out],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_a_split_layer_is_pruned_part_by_part(tmp_path, opset):
+    proto = _c2f(opset)
+    onnx.checker.check_model(proto)
+    result = prune(proto, tmp_path, ratio=0.25, criterion="l1", compensate=False)
+    # conv_1 is two groups: channels 0-3 alone, 4-7 tied to conv_3 by the residual Add.
+    assert result.stats["per_group"] == {"w1[0:4]": "3/4", "w1[4:8], w3": "3/4", "w2": "3/4"}
+    sizes = shapes(result.model)
+    assert sizes["w1"] == (6, 3, 3, 3) and sizes["w3"] == (3, 3, 3, 3) and sizes["w4"] == (5, 9, 3, 3)
+    split = next(n for n in result.model.graph if n.op_type == "Split")
+    given = split.attributes["split"].value if opset == 11 else constant(split.inputs[1]).tolist()
+    assert list(given) == [3, 3]
+    # Only all-zero channels went (removing a zero channel of a, b, c changes nothing): same output.
+    np.testing.assert_allclose(run(result.model, X_IMAGE), run(proto, X_IMAGE), atol=1e-5)
