@@ -339,7 +339,7 @@ def _new_bias_cut(node: ir.Node, index: int, removals: dict) -> dict[int, set[in
     it): the output channels its own weight loses, when the layer is pruned on that side too."""
     if index != 2 or (id(node), 1) not in removals:
         return {}
-    out_axis = 0 if node.op_type == "Conv" or attr_value(node, "transB", 0) else 1
+    out_axis = 0 if node.op_type == "Conv" or attr_value(node, "transB", 0) else 1  # ConvTranspose: 1
     removed = removals[(id(node), 1)][2].get(out_axis)
     return {0: set(removed)} if removed else {}
 

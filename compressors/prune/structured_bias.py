@@ -62,6 +62,10 @@ def fold_means(model: ir.Model, consumer: Consumer, removed: np.ndarray, stats: 
     weights = np.moveaxis(weights, place.axis, -1)
     per_output = weights.reshape(weights.shape[0], -1, weights.shape[-1]).sum(axis=1)  # [outputs, removed]
     delta = per_output @ stats.means[relative]
+    if node.op_type == "ConvTranspose":
+        # A strided transposed conv puts a different tap on each output position: a constant input
+        # adds, on average (the least-squares bias), the tap sum over the positions per input step.
+        delta = delta / float(np.prod(attr_value(node, "strides", [1])))
     target = _bias_input(model, node, len(delta))
     if target is None:
         return f"{node.op_type} node {node.name!r}: no constant bias to fold the removed channels' means into"
@@ -75,7 +79,7 @@ def fold_means(model: ir.Model, consumer: Consumer, removed: np.ndarray, stats: 
 def _bias_input(model: ir.Model, node: ir.Node, outputs: int) -> tuple[ir.Node, int, float] | None:
     """(node, input index, factor on the delta) of the constant that adds to this layer's output."""
     weight = constant(node.inputs[1])
-    if node.op_type in ("Conv", "Gemm"):
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         scale = 1.0
         if node.op_type == "Gemm":
             beta = attr_value(node, "beta", 1.0)

@@ -152,6 +152,8 @@ def _as_source(node: ir.Node) -> Source | None:
         return None
     if node.op_type == "Conv" and attr_value(node, "group", 1) == 1 and array.ndim >= 3:
         return Source(node, weight, 0, array.shape[0])
+    if node.op_type == "ConvTranspose" and attr_value(node, "group", 1) == 1 and array.ndim >= 3:
+        return Source(node, weight, 1, array.shape[1])
     if node.op_type == "Gemm" and array.ndim == 2:
         axis = 0 if attr_value(node, "transB", 0) else 1
         return Source(node, weight, axis, array.shape[axis])

@@ -64,7 +64,7 @@ class Walker:
         channels = constant(src.weight).shape[src.weight_axis]
         out = node.outputs[0]
         rank = self.rank(out)
-        axis = 1 if node.op_type in ("Conv", "Gemm") else rank - 1
+        axis = 1 if node.op_type in ("Conv", "ConvTranspose", "Gemm") else rank - 1
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:  # Conv bias [C]; Gemm C broadcast to [M, N]
             array = constant(bias)
@@ -174,6 +174,10 @@ class Walker:
             raise Unprunable(f"{op} node {name!r} normalizes across the channels")
         if op == "Conv" and index == 0:
             return self.into_conv(node, place)
+        if op == "ConvTranspose" and index == 0:  # weight [C_in, C_out / group, k...]
+            if constant(node.inputs[1]) is None or place.axis != 1 or attr_value(node, "group", 1) != 1:
+                raise Unprunable(f"ConvTranspose node {name!r}: grouped, or its weight is computed")
+            return self.consumer(node, value, place, Place(0, place.offset, place.block, place.count))
         if op == "Gemm" and index == 0:
             array = constant(node.inputs[1])
             if attr_value(node, "transA", 0) or array is None or place.axis != 1:

@@ -488,3 +488,49 @@ def test_a_split_layer_is_pruned_part_by_part(tmp_path, opset):
     assert list(given) == [3, 3]
     # Only all-zero channels went (removing a zero channel of a, b, c changes nothing): same output.
     np.testing.assert_allclose(run(result.model, X_IMAGE), run(proto, X_IMAGE), atol=1e-5)
+
+
+def test_transposed_convs_lose_input_and_output_channels(tmp_path):
+    """conv_1(6, channels 1 and 3 zero) -> Relu -> ConvTranspose 2x2 stride 2 (6 -> 4, its output channel
+    2 zero) -> Relu -> conv_2: DBNet's upsampling head. Both layers lose the zero channels only."""
+    rng = np.random.default_rng(10)
+    w1, b1 = _conv(rng, 6, 3)
+    w1[[1, 3]], b1[[1, 3]] = 0, 0
+    wt = rng.normal(0, 0.3, (6, 4, 2, 2)).astype(np.float32)  # [C_in, C_out, k, k]
+    bt = rng.normal(0, 0.1, 4).astype(np.float32)
+    wt[:, 2], bt[2] = 0, 0
+    w2, b2 = _conv(rng, 3, 4)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv_1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["u"], name="up", strides=[2, 2]),
+             helper.make_node("Relu", ["u"], ["ur"]),
+             helper.make_node("Conv", ["ur", "w2", "b2"], ["y"], name="conv_2")]
+    proto = model_of(nodes, [image("x", 3)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 14, 14])],
+                     {"w1": w1, "b1": b1, "wt": wt, "bt": bt, "w2": w2, "b2": b2})
+    onnx.checker.check_model(proto)
+    result = prune(proto, tmp_path, ratio=0.25, criterion="l1")
+    assert result.stats["per_group"] == {"w1": "5/6", "wt": "3/4"}
+    sizes = shapes(result.model)
+    assert sizes["w1"] == (5, 3, 3, 3) and sizes["wt"] == (5, 3, 2, 2) and sizes["bt"] == (3,) and sizes["w2"] == (3, 3, 3, 3)
+    np.testing.assert_allclose(run(result.model, X_IMAGE), run(proto, X_IMAGE), atol=1e-5)
+
+
+def test_a_constant_channel_into_a_transposed_conv_is_folded_on_average(tmp_path):
+    """A channel that outputs a constant 0.5 into a stride-1 ConvTranspose with full overlap: folding
+    its mean into the bias is exact away from the borders (each interior position gets every tap)."""
+    rng = np.random.default_rng(11)
+    w1, b1 = _conv(rng, 4, 3)
+    w1[0], b1[0] = 0, 0.5
+    wt = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    w2, b2 = _conv(rng, 2, 3, k=1)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv_1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt"], ["u"], name="up", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["u", "w2", "b2"], ["y"], name="conv_2")]
+    proto = model_of(nodes, [image("x", 3)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                     {"w1": w1, "b1": b1, "wt": wt, "w2": w2, "b2": b2})
+    result = prune(proto, tmp_path, calibration=[X_IMAGE], ratio=0.25, include=("w1",))
+    assert result.stats["per_group"] == {"w1": "3/4"} and result.stats["compensated_biases"] == 1
+    got, want = run(result.model, X_IMAGE), run(proto, X_IMAGE)
+    np.testing.assert_allclose(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1], atol=1e-5)
+    assert np.abs(got - want).max() > 1e-3  # the borders see fewer taps: the fold is an average there
