@@ -42,7 +42,8 @@ def sweep_parser(description: str, models: str, recipes: str, timeout: int, resu
     """The options every models x recipes sweep takes (each script adds its own)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", default=models, help="comma-separated model names")
-    parser.add_argument("--recipes", default=recipes, help=f"comma-separated (default {recipes})")
+    parser.add_argument("--recipes", default=recipes, help=f"comma-separated shipped names or .yaml paths "
+                        f"(a path's rows are labelled by its file name; default {recipes})")
     parser.add_argument("--timeout", type=int, default=timeout, help="seconds per modelpress run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, help="keep the models, data, outputs and reports here")
@@ -75,14 +76,15 @@ def run_recipe(model: Path, recipe: str, data: Path, work: Path, timeout: int, e
     """``modelpress compress`` as a subprocess (``--eval-data`` when ``eval_data`` is given): exit (or "timeout"), seconds, and from its report the
     runnable size and p50 latency against the original's and the metrics; the error line of an exit 2 / 3
     (``note``, with the whole ``output``), the missed gates of an exit 1."""
-    out = work / f"{model.stem}.{recipe}.onnx"
+    label = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe  # a recipe file: its name
+    out = work / f"{model.stem}.{label}.onnx"
     report = out.with_suffix(".json")
     report.unlink(missing_ok=True)  # a stale report of an earlier run must not be read as this one's
     command = [sys.executable, "-m", "modelpress", "compress", str(model), "--recipe", recipe, "--data",
                str(data), "--output", str(out), "--report-json", str(report), "--quiet", "--force"]
     if eval_data is not None:
         command += ["--eval-data", str(eval_data)]
-    row = {"recipe": recipe, "command": shlex.join(["modelpress", *command[3:]])}
+    row = {"recipe": label, "command": shlex.join(["modelpress", *command[3:]])}
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)

@@ -51,10 +51,8 @@ class ChannelStats:
         return np.maximum(self.energy - mean_part, 0.0)
 
 
-def fold_means(model: ir.Model, consumer: Consumer, removed: np.ndarray, stats: ChannelStats,
-               deltas: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]]) -> str | None:
-    """Add the removed channels' mean contribution to the consumer's bias delta (in ``deltas``, keyed
-    by (node, input index)); return why not when the consumer has no place for it."""
+def mean_delta(consumer: Consumer, removed: np.ndarray, stats: ChannelStats) -> np.ndarray:
+    """What the removed channels' mean outputs add to each output of the consumer (its bias change)."""
     node = consumer.weight.node
     place = consumer.weight.place
     relative = Place(0, 0, place.block, place.count).positions(removed)
@@ -66,7 +64,16 @@ def fold_means(model: ir.Model, consumer: Consumer, removed: np.ndarray, stats: 
         # A strided transposed conv puts a different tap on each output position: a constant input
         # adds, on average (the least-squares bias), the tap sum over the positions per input step.
         delta = delta / float(np.prod(attr_value(node, "strides", [1])))
-    target = _bias_input(model, node, len(delta))
+    return delta
+
+
+def fold_means(model: ir.Model, consumer: Consumer, removed: np.ndarray, stats: ChannelStats,
+               deltas: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]]) -> str | None:
+    """Add the removed channels' mean contribution to the consumer's bias delta (in ``deltas``, keyed
+    by (node, input index)); return why not when the consumer has no place for it."""
+    node = consumer.weight.node
+    delta = mean_delta(consumer, removed, stats)
+    target = bias_input(model, node, len(delta))
     if target is None:
         return f"{node.op_type} node {node.name!r}: no constant bias to fold the removed channels' means into"
     bias_node, index, scale = target
@@ -76,8 +83,9 @@ def fold_means(model: ir.Model, consumer: Consumer, removed: np.ndarray, stats: 
     return None
 
 
-def _bias_input(model: ir.Model, node: ir.Node, outputs: int) -> tuple[ir.Node, int, float] | None:
-    """(node, input index, factor on the delta) of the constant that adds to this layer's output."""
+def bias_input(model: ir.Model | None, node: ir.Node, outputs: int) -> tuple[ir.Node, int, float] | None:
+    """(node, input index, factor on the delta) of the constant that adds to this layer's output; a
+    Conv / Gemm without one gets a zero bias in ``model`` (None: only find, never add)."""
     weight = constant(node.inputs[1])
     if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         scale = 1.0
@@ -88,6 +96,8 @@ def _bias_input(model: ir.Model, node: ir.Node, outputs: int) -> tuple[ir.Node, 
             scale = attr_value(node, "alpha", 1.0) / beta
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             return (node, 2, scale) if constant(node.inputs[2]) is not None else None
+        if model is None:
+            return None
         name = unique_name(model, f"{node.name or node.op_type}_bias")
         zeros = np.zeros(outputs, dtype=weight.dtype)
         model.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(zeros, name=name)))

@@ -91,9 +91,17 @@ def _dims(graph: onnx.GraphProto, symbolic: bool) -> dict[str, list]:
     return shapes
 
 
-def static_shapes(model: ir.Model) -> dict[str, list]:
-    """Main-graph value name -> dims (int, or None when not static) from ONNX shape inference."""
+def static_shapes(model: ir.Model, inputs: dict[str, tuple[int, ...]] | None = None) -> dict[str, list]:
+    """Main-graph value name -> dims (int, or None when not static) from ONNX shape inference;
+    ``inputs``: graph inputs' shapes to assume (e.g. a calibration feed's), for dynamic axes."""
     proto = _shape_proto(model)
+    for info in proto.graph.input:
+        if inputs and info.name in inputs and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            if len(dims) == len(inputs[info.name]):
+                for dim, size in zip(dims, inputs[info.name]):
+                    dim.Clear()
+                    dim.dim_value = int(size)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 — inference is a help, not a requirement: values stay unknown

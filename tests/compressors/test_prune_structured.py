@@ -534,3 +534,33 @@ def test_a_constant_channel_into_a_transposed_conv_is_folded_on_average(tmp_path
     got, want = run(result.model, X_IMAGE), run(proto, X_IMAGE)
     np.testing.assert_allclose(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1], atol=1e-5)
     assert np.abs(got - want).max() > 1e-3  # the borders see fewer taps: the fold is an average there
+
+
+def test_sensitivity_is_measured_as_the_pruned_model_computes(tmp_path):
+    """allocation: sensitivity measures each group without rebuilding the graph (consumer inputs zeroed,
+    means folded into their biases): each measured change equals that of the model really pruned so."""
+    proto = residual_cnn()
+    calibration = [{"x": np.random.default_rng(12).normal(size=(16, 3, 8, 8)).astype(np.float32)}]
+    result = prune(proto, tmp_path, calibration=calibration, ratio=0.5, allocation="sensitivity")
+    allocation = result.stats["allocation"]
+    reference = run(proto, calibration[0])
+    for label, curve in allocation["curves"].items():
+        names = tuple(label.split(", "))
+        for level, measured in zip(allocation["levels"], curve):
+            pruned = prune(proto, tmp_path, calibration=calibration, ratio=level, include=names)
+            change = run(pruned.model, calibration[0]) - reference
+            assert measured == pytest.approx(float((change ** 2).sum() / (reference ** 2).sum()), rel=1e-3, abs=1e-9), (label, level)
+    # The groups lose different shares, and no more multiply-adds are left than uniform 50 % leaves.
+    ratios = allocation["ratios"]
+    assert len(set(ratios.values())) > 1 and all(0 <= r <= 0.75 for r in ratios.values())
+    assert allocation["cost"] == "flops" and allocation["left"] <= allocation["left_uniform"]
+    uniform = prune(proto, tmp_path, calibration=calibration, ratio=0.5)
+    error = {name: float(((run(r.model, calibration[0]) - reference) ** 2).sum()) for name, r in
+             (("sensitivity", result), ("uniform", uniform))}
+    assert error["sensitivity"] < error["uniform"]
+
+
+def test_sensitivity_without_data_falls_back_to_uniform(tmp_path):
+    result = prune(residual_cnn(), tmp_path, ratio=0.5, allocation="sensitivity")
+    assert "allocation: sensitivity needs --data: every group lost the same ratio" in result.stats["notes"]
+    assert "allocation" not in result.stats
