@@ -2,6 +2,7 @@
 
 ``kd_loss``: Hinton et al.'s knowledge-distillation loss, ``T² · KL(softmax(t/T) ‖ softmax(s/T))``
 averaged over rows (the T² keeps gradient scale independent of the temperature).
+``binary_kd_loss``: the same for a Sigmoid output, cross-entropy per element on the student's logits.
 ``relative_mse``: feature / regression matching scaled by the teacher's energy, so layers of
 different magnitudes weigh alike. ``masked_`` helpers keep pruned zeros exactly zero.
 """
@@ -18,6 +19,15 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     s = F.log_softmax(student.reshape(-1, classes).float() / temperature, dim=-1)
     t = F.log_softmax(teacher.reshape(-1, classes).float() / temperature, dim=-1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def binary_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of sigmoid(student_logits) against the teacher's probabilities, minus
+    the teacher's own entropy: 0 for a perfect match. Its gradient, sigmoid(s) - t, does not vanish
+    where the student saturates, as MSE on probabilities does."""
+    s, t = student_logits.float(), teacher_probs.float().clamp(0.0, 1.0)
+    entropy = F.binary_cross_entropy(t, t, reduction="mean") if t.numel() else t.sum()
+    return F.binary_cross_entropy_with_logits(s, t) - entropy
 
 
 def relative_mse(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -4,7 +4,8 @@ before: a compressed model (e.g. pruned to 90 % zeros), the original model as te
 (``PassContext.original``) and calibration feeds (``--data``; labels optional).
 after:  the same graph — same nodes, initializer names and dtypes — with the trainable weights
 fine-tuned so the model's first output matches the teacher's: KL divergence of the tempered
-softmax for classifier outputs ([N, C]), relative MSE for other outputs (embeddings, regressions),
+softmax for classifier outputs ([N, C]), binary cross-entropy on the logits of a Sigmoid output
+(against the teacher's probabilities), relative MSE for other outputs (embeddings, regressions),
 optionally mixed with cross-entropy on labels and with matching of intermediate values, named
 (``features``) or found by op type (``feature_ops``, e.g. every transformer block's LayerNorm output).
 Every weight that was exactly zero stays exactly zero (``keep_masks``), so sparsity is unchanged.
@@ -71,7 +72,11 @@ class RecoverConfig(PassConfig):
         "auto", description="peak learning rate (cosine decay to 0); auto: the best of LR_CANDIDATES over a short probe")
     optimizer: Literal["adam", "sgd"] = "adam"
     schedule: Literal["cosine", "constant"] = "cosine"
-    loss: Literal["auto", "kl", "mse"] = Field("auto", description="auto: kl for [N, C] outputs, else mse")
+    # bce: a Sigmoid output (a detector's probability map, multi-label scores) is distilled through its
+    # logits, so a student saturated at 0 where the teacher says 1 still gets a gradient; MSE on the
+    # probabilities gave none (PP-OCRv4 det after structured pruning: relative error stuck at 1.0).
+    loss: Literal["auto", "kl", "mse", "bce"] = Field(
+        "auto", description="auto: bce for a Sigmoid output, kl for [N, C] outputs, else mse")
     temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature of the kl loss")
     # Off by default: unless --eval-data is given, --data also evaluates, and fitting its labels would
     # inflate the accuracy the report and the gates see; distilling the teacher does not leak labels.

@@ -156,6 +156,11 @@ class TrainingData:
             raise ValueError(f"the model's first output {output!r} is {first.dtype}, not float: there is no "
                              "gradient to distil through it (put the logits first among the graph outputs)")
         kind = config.loss
+        if kind == "bce" and output_op != "Sigmoid":
+            raise ValueError(f"loss: bce distils a Sigmoid output through its logits; {output!r} comes from "
+                             f"{output_op or 'no node'}: use loss: auto, kl or mse")
+        if kind == "auto" and output_op == "Sigmoid":
+            kind = "bce"
         if kind == "auto":
             classifier = first.ndim == 2 or (output_op in ("Softmax", "LogSoftmax") and first.ndim >= 2)
             kind = "kl" if classifier and first.shape[-1] >= 2 else "mse"

@@ -21,7 +21,15 @@ from modelpress.compressors.pipeline import PassContext
 from modelpress.compressors.prune.recover import AUTO_STEPS, AUTO_WORK, LR_CANDIDATES, LR_PROBE_MIN_STEPS, RecoverConfig
 from modelpress.compressors.prune.recover_data import Batch, TrainingData, run_onnx
 from modelpress.compressors.torch_graph import TorchGraph
-from modelpress.kernels.distill import agreement, epoch_order, kd_loss, masked_grad_, masked_weight_, relative_mse
+from modelpress.kernels.distill import (
+    agreement,
+    binary_kd_loss,
+    epoch_order,
+    kd_loss,
+    masked_grad_,
+    masked_weight_,
+    relative_mse,
+)
 
 
 class RecoveryTrainer:
@@ -31,6 +39,7 @@ class RecoveryTrainer:
         self.config = config
         self.context = context
         self.features: list[tuple[int, str]] = []  # (index into the teacher's features, value name)
+        self.logits: str | None = None  # loss bce: the Sigmoid's input, distilled instead of its output
 
     def recover(self, model: ir.Model, values: list[ir.Value]) -> dict:
         config: RecoverConfig = self.config
@@ -41,6 +50,8 @@ class RecoveryTrainer:
         data = TrainingData.build(feeds, teacher, self.context.labels, config, model.graph.outputs[0].name,
                                  _output_op(model))
         del teacher  # the training data holds what it needs: the per-feed copies can go
+        if data.loss_kind == "bce":
+            self.logits = model.graph.outputs[0].producer().inputs[0].name
         first = next(data.in_order(8))
         probe = {name: t.numpy() for name, t in first.feed.items()}
         _check_parity(student, model, probe, self.context.threads)
@@ -186,10 +197,12 @@ class RecoveryTrainer:
 
     def _loss(self, student: TorchGraph, batch: Batch, data: TrainingData) -> torch.Tensor:
         config: RecoverConfig = self.config
-        outputs = student.run(batch.feed, extra=[name for _, name in self.features])
+        outputs = student.run(batch.feed, extra=[name for _, name in self.features] + [self.logits] * bool(self.logits))
         full = data.view(outputs[data.output])
         out, teacher = _real(full, batch.teacher, batch.mask)
-        if data.loss_kind == "kl":
+        if data.loss_kind == "bce":
+            loss = binary_kd_loss(*_real(outputs[self.logits], batch.teacher, batch.mask))
+        elif data.loss_kind == "kl":
             loss = kd_loss(out, teacher, config.temperature)
             if batch.labels is not None and config.label_weight > 0:
                 ce = torch.nn.functional.cross_entropy(full.reshape(len(batch.labels), -1), batch.labels)

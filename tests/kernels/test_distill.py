@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from modelpress.kernels.distill import agreement, epoch_order, kd_loss, masked_grad_, masked_weight_, relative_mse
+from modelpress.kernels.distill import (
+    agreement,
+    binary_kd_loss,
+    epoch_order,
+    kd_loss,
+    masked_grad_,
+    masked_weight_,
+    relative_mse,
+)
 
 
 def softmax(z):
@@ -61,3 +69,18 @@ def test_epoch_order_is_a_seeded_permutation_in_batches():
     assert sorted(torch.cat(batches).tolist()) == list(range(10))
     again = epoch_order(10, 4, torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_binary_kd_loss_matches_reference_and_keeps_a_gradient_when_saturated():
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(0, 3, (4, 5)), rng.random((4, 5))
+    p = 1 / (1 + np.exp(-s))
+    cross = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+    entropy = -(t * np.log(t) + (1 - t) * np.log(1 - t))
+    got = binary_kd_loss(torch.tensor(s), torch.tensor(t))
+    assert float(got) == pytest.approx(float(np.mean(cross - entropy)), rel=1e-5)
+    assert float(binary_kd_loss(torch.logit(torch.tensor(t)), torch.tensor(t))) == pytest.approx(0.0, abs=1e-6)
+    # A logit of -30 where the teacher says 0.9: gradient sigmoid(s) - t per element, not ~0.
+    logits = torch.tensor([-30.0], requires_grad=True)
+    binary_kd_loss(logits, torch.tensor([0.9])).backward()
+    assert float(logits.grad) == pytest.approx(-0.9, abs=1e-6)
