@@ -1,6 +1,7 @@
 """Unstructured magnitude pruning.
 
-before: float weight matrices of MatMul / Gemm / Conv (main graph and subgraphs).
+before: float weight matrices of MatMul / Gemm / Conv (main graph and subgraphs); the W and R of
+LSTM / GRU / RNN when ``op_types`` names them.
 after:  the same tensors with the smallest-magnitude entries set to exactly 0 — per tensor
 (``scope: layer``) or with one threshold across all of them (``scope: global``). Biases, norms and
 tensors below ``min_elements`` are left alone, and the stats say which and why.
@@ -49,7 +50,9 @@ class MagnitudeConfig(WeightFilterConfig):
     padding_mask: str | None = Field(
         "attention_mask", description="model input whose zeros mark padding: left out of the sensitivity "
         "measurement (and not computed: samples regrouped by length and cut)")
-    op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose"], ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+    # LSTM / GRU / RNN W and R on request only: a recurrent weight's error compounds over the time steps.
+    op_types: tuple[Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN"], ...] = (
+        "MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 class MagnitudePrune(Pass):

@@ -57,3 +57,21 @@ def test_pruned_model_runs_and_is_deterministic(tmp_path):
     assert to_bytes(first.model) == to_bytes(second.model)
     session = ort.InferenceSession(to_bytes(first.model), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.ones((2, 64), np.float32)})[0].shape == (2, 10)
+
+
+def test_recurrent_weights_are_pruned_only_when_asked(tmp_path):
+    from test_quantize_int8 import _recurrent
+
+    path = _recurrent(tmp_path)
+    feed = {"x": np.random.default_rng(8).normal(size=(6, 4, 8)).astype(np.float32)}
+    for op_types, pruned in ((None, set()), (("LSTM", "GRU"), {"lw", "lr", "gw", "gr"})):
+        model = load_model(path)
+        normalize(model)
+        config = MagnitudeConfig(sparsity=0.5, min_elements=100, **({"op_types": op_types} if op_types else {}))
+        result = MagnitudePrune(config).call(model)
+        check_model(result.model)
+        weights = {v.name: v.const_value.numpy() for _, v in iter_weights(result.model)}
+        assert {n for n, w in weights.items() if np.mean(w == 0) == pytest.approx(0.5, abs=0.01)} == pruned
+        assert np.all(weights["lb"] != 0)  # gate biases B are never pruned
+    outputs = ort.InferenceSession(to_bytes(result.model)).run(None, feed)
+    assert all(np.isfinite(o).all() for o in outputs)
