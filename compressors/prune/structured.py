@@ -47,6 +47,7 @@ from modelpress.compressors.prune.structured_bias import (
     fold_means,
     unique_name,
 )
+from modelpress.compressors.prune.structured_constants import slice_constants
 from modelpress.compressors.prune.structured_groups import ChannelGroup, find_groups
 from modelpress.compressors.prune.structured_split import apply_split_sizes
 from modelpress.compressors.prune.structured_walk import (
@@ -77,11 +78,12 @@ class StructuredConfig(WeightFilterConfig):
     # parameters removed add up to ``ratio`` of what the groups hold; attention heads keep head_ratio.
     allocation: Literal["uniform", "sensitivity"] = Field(
         "uniform", description="every group loses ratio of its channels, or (with --data) each its own share by measured sensitivity")
-    # flops: a detector's high-resolution stem costs few parameters but most of the time; counted by
-    # parameters, the allocation kept YOLOv8n's early layers wide (p50 0.73x of the original, 0.50x
-    # uniform, at the same size).
-    allocation_cost: Literal["flops", "parameters"] = Field(
-        "flops", description="what allocation: sensitivity keeps at the uniform ratio's level: multiply-adds or parameters")
+    # latency: multiply-adds plus memory traffic of the cut values (structured_allocation.py). By
+    # parameters the allocation kept YOLOv8n's high-resolution layers wide (p50 0.73x of the original,
+    # uniform 0.50x, same size); by multiply-adds alone PP-LCNet ran 0.54x against uniform's 0.29x.
+    allocation_cost: Literal["latency", "flops", "parameters"] = Field(
+        "latency", description="what allocation: sensitivity keeps at the uniform ratio's level: estimated "
+        "time (multiply-adds + memory traffic), multiply-adds or parameters")
     padding_mask: str | None = Field("attention_mask", description="a [batch, seq] 0/1 input marking real positions: "
                                       "sensitivity is measured on them only")
 
@@ -191,8 +193,8 @@ class StructuredPrune(Pass):
             return kept_count(group.count, config, group.sources[0].unit, ratio)
 
         ratios, stats = allocate_ratios(model, channels, scores, _consumers, captured, compensate, keep,
-                                        config.allocation_cost, self.context.calibration, self.context.threads, config.padding_mask,
-                                        self.context.progress)
+                                        config.allocation_cost, self.context.calibration, self.context.threads,
+                                        config.padding_mask, self.context.progress)
         stats["ratios"] = {g.label: round(ratios[id(g)], 3) for g in channels}
         return ratios, stats
 
@@ -261,7 +263,7 @@ def _apply(model: ir.Model, removals: dict, deltas: dict, groups: list[ChannelGr
             for node in source.depthwise:
                 weight = constant(node.inputs[1])
                 depthwise[id(node)] = (node, weight.shape[0] // node.attributes["group"].value)
-    copied = _slice_constants(model, removals, deltas)
+    copied = slice_constants(model, removals, deltas)
     for node, multiplier in depthwise.values():
         channels = constant(node.inputs[1]).shape[0]
         node.attributes["group"] = ir.AttrInt64("group", channels // multiplier)
@@ -342,73 +344,6 @@ def _rewrite_concat_target(model: ir.Model, node: ir.Node, by_pos: dict[int, int
     own.outputs[0].name = unique_name(model, f"{concat.outputs[0].name}_pruned")
     model.graph.insert_before(node, own)
     node.replace_input_with(1, own.outputs[0])
-
-
-def _slice_constants(model: ir.Model, removals: dict, deltas: dict) -> list[str]:
-    """Each edited input: bias deltas added, removed positions cut; in place when this is the only
-    way the constant is used, else as the node's own copy."""
-    edits = {key: (node, index, axes, None) for key, (node, index, axes) in removals.items()}
-    for key, (node, index, delta) in deltas.items():
-        axes = edits.get(key, (node, index, _new_bias_cut(node, index, removals), None))[2]
-        edits[key] = (node, index, axes, delta)
-    by_value: dict[int, list] = {}
-    for node, index, axes, delta in edits.values():
-        by_value.setdefault(id(node.inputs[index]), []).append((node, index, axes, delta))
-    copied = []
-    for uses in by_value.values():
-        value = uses[0][0].inputs[uses[0][1]]
-        producer = value.producer()
-        owned = producer is None or producer.op_type == "Constant"
-        every_use = {(id(u.node), u.idx) for u in value.uses()} == {(id(n), i) for n, i, *_ in uses}
-        alike = len(uses) == 1 or all(a == uses[0][2] and d is None for _, _, a, d in uses)
-        if owned and every_use and alike and not value.is_graph_output():
-            _set_constant(value, _edited(constant(value), uses[0][2], uses[0][3]))
-            continue
-        # Shared with a node that keeps its channels (or behind an exporter's Identity): each edited
-        # use gets its own copy, the others keep the original.
-        copied.append(value.name)
-        for node, index, axes, delta in uses:
-            name = unique_name(model, f"{value.name}_pruned")
-            model.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(
-                _edited(constant(value), axes, delta), name=name)))
-            node.replace_input_with(index, model.graph.initializers[name])
-        drop_if_unused(model, value)
-    return copied
-
-
-def _new_bias_cut(node: ir.Node, index: int, removals: dict) -> dict[int, set[int]]:
-    """The cut of a bias that ``fold_means`` created for a Conv / Gemm (the graph search never saw
-    it): the output channels its own weight loses, when the layer is pruned on that side too."""
-    if index != 2 or (id(node), 1) not in removals:
-        return {}
-    out_axis = 0 if node.op_type == "Conv" or attr_value(node, "transB", 0) else 1  # ConvTranspose: 1
-    removed = removals[(id(node), 1)][2].get(out_axis)
-    return {0: set(removed)} if removed else {}
-
-
-def _edited(array: np.ndarray, axes: dict[int, set[int]], delta: np.ndarray | None) -> np.ndarray:
-    if delta is not None:
-        array = (array.astype(np.float64) + delta).astype(array.dtype)
-    return _sliced(array, axes)
-
-
-def _sliced(array: np.ndarray, axes: dict[int, set[int]]) -> np.ndarray:
-    for axis, positions in axes.items():
-        keep = np.setdiff1d(np.arange(array.shape[axis]), np.fromiter(positions, dtype=np.int64))
-        array = np.take(array, keep, axis=axis)
-    return np.ascontiguousarray(array)
-
-
-def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    if value.const_value is not None and value.producer() is None:
-        value.const_value = ir.Tensor(array, name=value.name)
-        value.dtype, value.shape = value.const_value.dtype, ir.Shape(array.shape)
-        return
-    node = value.producer()  # a Constant node (tiny tensors stay Constant nodes after normalize)
-    tensor = ir.Tensor(array, name=value.name)
-    node.attributes["value"] = ir.AttrTensor("value", tensor)
-    # With the type too: a shape without one makes onnx-ir warn on every save ("value type not known").
-    value.dtype, value.shape = tensor.dtype, ir.Shape(array.shape)
 
 
 def _parameters(model: ir.Model) -> int:

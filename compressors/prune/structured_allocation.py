@@ -2,8 +2,9 @@
 
 before: the prunable channel groups, each with its channels ranked (``scores``, lowest first to
 go), the captured consumer statistics (channel means, for compensation) and calibration feeds.
-after:  per group the fraction of its channels to remove, leaving no more multiply-adds (or
-parameters: ``allocation_cost``) than the uniform ratio would, at the least summed output change.
+after:  per group the fraction of its channels to remove, leaving no more estimated time (multiply-adds
+plus memory traffic; or multiply-adds, or parameters: ``allocation_cost``) than the uniform ratio
+would, at the least summed output change.
 
 How: each group alone is pruned to each of LEVELS in one onnxruntime session, without rebuilding
 the graph: removing channel ``c`` is the same, for every computation after it, as zeroing the
@@ -32,13 +33,23 @@ from modelpress.compressors.prune.structured_place import Consumer, constant
 # Fractions of a group's channels each group is measured at. 0.75 is the most any group loses:
 # beyond it the curves are steep everywhere and a layer of 8 channels would keep 2.
 LEVELS = (0.0, 0.25, 0.5, 0.75)
+# ``latency`` cost: multiply-adds, plus this many per element of every value whose channels are cut
+# (memory traffic: a depthwise conv or an activation at high resolution costs time, few multiply-adds).
+# Counted by multiply-adds alone, the allocation kept PP-LCNet's high-resolution layers wide and ran
+# at 0.54x of the original against uniform's 0.29x; with 8 per element 0.24x (32: 0.38x, a tie),
+# YOLOv8n 0.51x either way (stop 18, paired timings; benchmarks/RESULTS.md thirdparty).
+ACTIVATION_COST = 8
 Feed = dict[str, np.ndarray]
 
 
-def group_cost(group, weight: Callable[[ir.Node, int], int]) -> int:
+def group_cost(group, weight: Callable[[ir.Node, int], int], activation: Callable[[str, int], int] | None = None) -> int:
     """What a group holds: every element of the constants it slices that its channels own, each
-    counted ``weight(node, input index)`` times (1: parameters; output positions: multiply-adds)."""
+    counted ``weight(node, input index)`` times (1: parameters; output positions: multiply-adds),
+    plus ``activation(value, axis)`` per position of the values its channels pass through."""
     total, seen = 0, set()
+    if activation is not None:
+        for name, place in {(n, p) for s in group.sources for n, p in s.placements}:
+            total += activation(name, place.axis) * place.block * place.count
     for source in group.sources:
         for edit in source.edits:
             key = (id(edit.node), edit.index)
@@ -51,16 +62,22 @@ def group_cost(group, weight: Callable[[ir.Node, int], int]) -> int:
     return total
 
 
-def element_weight(model: ir.Model, cost: str, feed: Feed) -> Callable[[ir.Node, int], int]:
-    """(node, input index) -> how many times one element counts: 1 for ``parameters``; for ``flops``
-    a layer weight counts once per output position it is applied at (a Conv's output pixels, the rows
-    of a Gemm; shapes inferred for ``feed``'s input shapes, per sample; dims still unknown count 1),
-    other constants (biases, BatchNorm) once."""
+def element_weight(model: ir.Model, cost: str, feed: Feed):
+    """(weight, activation): ``weight(node, input index)``, how many times one element of a constant
+    counts: 1 for ``parameters``; for ``flops`` and ``latency`` a layer weight counts once per output
+    position it is applied at (a Conv's output pixels, the rows of a Gemm; shapes inferred for
+    ``feed``'s input shapes, per sample; dims still unknown count 1), other constants (biases,
+    BatchNorm) once. ``activation(value, axis)``, for ``latency`` only: ACTIVATION_COST per element
+    of the value per position along ``axis``."""
     if cost == "parameters":
-        return lambda node, index: 1
+        return (lambda node, index: 1), None
     from modelpress.compressors.prune.structured_groups import static_shapes
 
     shapes = static_shapes(model, {name: (1, *np.shape(array)[1:]) for name, array in feed.items()})
+
+    def activation(name: str, axis: int) -> int:
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in shapes.get(name) or []]
+        return ACTIVATION_COST * int(np.prod(dims)) // max(dims[axis], 1) if len(dims) > axis else 0
 
     def weight(node: ir.Node, index: int) -> int:
         dims = shapes.get(node.outputs[0].name)
@@ -69,7 +86,7 @@ def element_weight(model: ir.Model, cost: str, feed: Feed) -> Callable[[ir.Node,
         spread = dims[2:] if node.op_type in ("Conv", "ConvTranspose") else dims[:-1]
         return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in spread]))
 
-    return weight
+    return weight, (activation if cost == "latency" else None)
 
 
 def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray], consumers: Callable[[object], list[Consumer]],
@@ -109,9 +126,9 @@ def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray]
             overrides = _removal(reading[id(group)], removed, weights, biases, captured if compensate else None)
             curve.append(relative_change(reference, run(overrides), masks))
         curves[str(id(group))] = curve
-    weight = element_weight(model, cost, feeds[0])
-    sizes = {str(id(g)): group_cost(g, weight) for g in groups}
-    left = _Left(groups, scores, weight)
+    weight, activation = element_weight(model, cost, feeds[0])
+    sizes = {str(id(g)): group_cost(g, weight, activation) for g in groups}
+    left = _Left(groups, scores, weight, activation)
     target = left({id(g): keep(g, None) for g in groups})
 
     def allocated(wanted: float) -> dict[int, float]:
@@ -140,7 +157,9 @@ class _Left:
     """Elements the constants the groups slice keep when each group keeps a number of units (its
     lowest-scored go), every group's cuts together (a Concat consumer is cut by several)."""
 
-    def __init__(self, groups: list, scores: dict[int, np.ndarray], weight: Callable[[ir.Node, int], int]):
+    def __init__(self, groups: list, scores: dict[int, np.ndarray], weight: Callable[[ir.Node, int], int],
+                 activation: Callable[[str, int], int] | None = None):
+        self.activation = activation
         self.groups, self.order = groups, {id(g): np.argsort(scores[id(g)], kind="stable") for g in groups}
         self.shapes: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
         for group in groups:
@@ -158,8 +177,18 @@ class _Left:
                 for edit in source.edits:
                     axes = cut.setdefault((id(edit.node), edit.index), {})
                     axes.setdefault(edit.place.axis, set()).update(edit.place.positions(gone).tolist())
-        return sum(int(np.prod([n - len(cut.get(key, {}).get(a, ())) for a, n in enumerate(shape)])) * times
-                   for key, (shape, times) in self.shapes.items())
+        total = sum(int(np.prod([n - len(cut.get(key, {}).get(a, ())) for a, n in enumerate(shape)])) * times
+                    for key, (shape, times) in self.shapes.items())
+        if self.activation is not None:
+            values: dict[tuple[str, int], set[int]] = {}
+            sizes: dict[tuple[str, int], int] = {}
+            for group in self.groups:
+                gone = np.sort(self.order[id(group)][: group.count - kept[id(group)]])
+                for name, place in {(n, p) for s in group.sources for n, p in s.placements}:
+                    sizes[(name, place.axis)] = self.activation(name, place.axis)
+                    values.setdefault((name, place.axis), set()).update(place.positions(gone).tolist())
+            total -= sum(sizes[key] * len(removed) for key, removed in values.items())
+        return total
 
 
 def _measured_copy(model: ir.Model, consumers: list[Consumer]):

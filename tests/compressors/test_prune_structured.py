@@ -550,10 +550,10 @@ def test_sensitivity_is_measured_as_the_pruned_model_computes(tmp_path):
             pruned = prune(proto, tmp_path, calibration=calibration, ratio=level, include=names)
             change = run(pruned.model, calibration[0]) - reference
             assert measured == pytest.approx(float((change ** 2).sum() / (reference ** 2).sum()), rel=1e-3, abs=1e-9), (label, level)
-    # The groups lose different shares, and no more multiply-adds are left than uniform 50 % leaves.
+    # The groups lose different shares, and no more estimated time is left than uniform 50 % leaves.
     ratios = allocation["ratios"]
     assert len(set(ratios.values())) > 1 and all(0 <= r <= 0.75 for r in ratios.values())
-    assert allocation["cost"] == "flops" and allocation["left"] <= allocation["left_uniform"]
+    assert allocation["cost"] == "latency" and allocation["left"] <= allocation["left_uniform"]
     uniform = prune(proto, tmp_path, calibration=calibration, ratio=0.5)
     error = {name: float(((run(r.model, calibration[0]) - reference) ** 2).sum()) for name, r in
              (("sensitivity", result), ("uniform", uniform))}
