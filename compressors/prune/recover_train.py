@@ -197,7 +197,8 @@ class RecoveryTrainer:
 
     def _loss(self, student: TorchGraph, batch: Batch, data: TrainingData) -> torch.Tensor:
         config: RecoverConfig = self.config
-        outputs = student.run(batch.feed, extra=[name for _, name in self.features] + [self.logits] * bool(self.logits))
+        extra = [name for _, name in self.features] + ([self.logits] if self.logits else [])
+        outputs = student.run(batch.feed, extra=extra)
         full = data.view(outputs[data.output])
         out, teacher = _real(full, batch.teacher, batch.mask)
         if data.loss_kind == "bce":

@@ -24,8 +24,8 @@ Ties are broken by position, so the result is deterministic.
 
 How many channels each group loses: ``ratio`` of every group (``allocation: uniform``), or with --data
 (``allocation: sensitivity``, ``structured_allocation.py``) each group's own share, from the output
-change measured when it alone is cut at 25 / 50 / 75 %, leaving no more multiply-adds (or parameters)
-than the uniform ratio would.
+change measured when it alone is cut at 25 / 50 / 75 %, leaving no more estimated time (or
+multiply-adds, or parameters: ``allocation_cost``) than the uniform ratio would.
 
 With --data (``compensate``), each removed channel's mean output is folded into the next layer's
 bias (``structured_bias.py``) and the activation criterion ranks channels by their variation around
@@ -75,7 +75,7 @@ class StructuredConfig(WeightFilterConfig):
     min_elements: int = Field(1, ge=1, description="groups whose producing weights are smaller are left alone")
     compensate: bool = Field(True, description="with --data: fold removed channels' mean outputs into the next biases")
     # sensitivity: each group is measured alone at 25 / 50 / 75 % (structured_allocation.py) and the
-    # parameters removed add up to ``ratio`` of what the groups hold; attention heads keep head_ratio.
+    # shares leave what uniform ``ratio`` would (allocation_cost); attention heads keep head_ratio.
     allocation: Literal["uniform", "sensitivity"] = Field(
         "uniform", description="every group loses ratio of its channels, or (with --data) each its own share by measured sensitivity")
     # latency: multiply-adds plus memory traffic of the cut values (structured_allocation.py). By

@@ -12,8 +12,8 @@ input slices of the layers that read ``c`` (the walk ends every path at such a c
 c's mean contribution to their biases (compensation). So the consumers' weights and biases are
 session inputs, overridden per run; a consumer without a bias gets a zero one in the measured copy
 only. The relative change of the first output (real positions only, with a padding mask) per level
-is a curve; ``allocate_levels`` walks the curves' lower convex hulls, spending parameters where
-they cost least, as for unstructured sparsity.
+is a curve; ``allocate_levels`` walks the curves' lower convex hulls, spending the cost where it
+changes the output least, as for unstructured sparsity.
 
 Why: a uniform ratio treats a detector's stem and its 256-channel neck alike. On PP-OCRv4's
 text detector removing 1 of the stem's 16 channels already moved its probability map (cosine
@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from modelpress.compressors.model import output_channel_axis
 from modelpress.compressors.prune.allocation import MAX_CURVE_RUNS, allocate_levels, relative_change
 from modelpress.compressors.prune.structured_bias import bias_input, mean_delta
 from modelpress.compressors.prune.structured_place import Consumer, constant
@@ -40,26 +41,6 @@ LEVELS = (0.0, 0.25, 0.5, 0.75)
 # YOLOv8n 0.51x either way (stop 18, paired timings; benchmarks/RESULTS.md thirdparty).
 ACTIVATION_COST = 8
 Feed = dict[str, np.ndarray]
-
-
-def group_cost(group, weight: Callable[[ir.Node, int], int], activation: Callable[[str, int], int] | None = None) -> int:
-    """What a group holds: every element of the constants it slices that its channels own, each
-    counted ``weight(node, input index)`` times (1: parameters; output positions: multiply-adds),
-    plus ``activation(value, axis)`` per position of the values its channels pass through."""
-    total, seen = 0, set()
-    if activation is not None:
-        for name, place in {(n, p) for s in group.sources for n, p in s.placements}:
-            total += activation(name, place.axis) * place.block * place.count
-    for source in group.sources:
-        for edit in source.edits:
-            key = (id(edit.node), edit.index)
-            if key in seen:
-                continue
-            seen.add(key)
-            array = constant(edit.value)
-            per_position = array.size // max(array.shape[edit.place.axis], 1)
-            total += per_position * edit.place.block * edit.place.count * weight(edit.node, edit.index)
-    return total
 
 
 def element_weight(model: ir.Model, cost: str, feed: Feed):
@@ -95,7 +76,8 @@ def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray]
                     progress: Callable[[str, int, int], None]) -> tuple[dict[int, float], dict]:
     """(id(group) -> fraction of its channels to remove, stats of the measurement). ``keep(group,
     ratio)``: the units a group keeps at a ratio (None: the configured uniform one), rounding included;
-    the allocation leaves no more ``cost`` (parameters, or multiply-adds) than the uniform ratio would."""
+    the allocation leaves no more ``cost`` (estimated time, multiply-adds or parameters) than the
+    uniform ratio would."""
     from modelpress.compressors.benchmark import make_session  # onnxruntime: loaded only when used
 
     runs_per_feed = max(1, len(groups) * (len(LEVELS) - 1))
@@ -107,7 +89,7 @@ def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray]
     session = make_session(proto.SerializeToString(), threads)
     output = session.get_outputs()[0].name
     masks = [feed.get(mask_name) if mask_name else None for feed in feeds]
-    base = {**weights, **{name: b[0] for name, b in biases.items()}}
+    base = {**weights, **{name: array for name, array, _ in biases.values()}}
 
     def run(overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(session.run([output], {**feed, **base, **overrides})[0], np.float64) for feed in feeds]
@@ -126,9 +108,11 @@ def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray]
             overrides = _removal(reading[id(group)], removed, weights, biases, captured if compensate else None)
             curve.append(relative_change(reference, run(overrides), masks))
         curves[str(id(group))] = curve
-    weight, activation = element_weight(model, cost, feeds[0])
-    sizes = {str(id(g)): group_cost(g, weight, activation) for g in groups}
-    left = _Left(groups, scores, weight, activation)
+    left = _Left(groups, scores, *element_weight(model, cost, feeds[0]))
+    whole = {id(g): g.count for g in groups}
+    full = left(whole)
+    # What each group holds: what cutting all of its channels alone would take away.
+    sizes = {str(id(g)): full - left({**whole, id(g): 0}) for g in groups}
     target = left({id(g): keep(g, None) for g in groups})
 
     def allocated(wanted: float) -> dict[int, float]:
@@ -137,7 +121,7 @@ def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray]
 
     # A group's cost counts each weight it slices, as if the others kept theirs; two neighbours cut
     # together remove less than the sum. So the budget is searched: the least spent that leaves no
-    # more parameters (or multiply-adds) than the uniform ratio does (after rounding to round_to).
+    # more of the cost than the uniform ratio does (after rounding to round_to).
     low, high = 0.0, float(sum(sizes.values()))
     for _ in range(30):
         middle = (low + high) / 2
@@ -154,11 +138,12 @@ def allocate_ratios(model: ir.Model, groups: list, scores: dict[int, np.ndarray]
 
 
 class _Left:
-    """Elements the constants the groups slice keep when each group keeps a number of units (its
-    lowest-scored go), every group's cuts together (a Concat consumer is cut by several)."""
+    """The cost left when each group keeps a number of units (its lowest-scored go), every group's
+    cuts together (a Concat consumer is cut by several): the elements of the sliced constants, each
+    times ``weight``, less ``activation`` per removed position of the values the channels pass through."""
 
     def __init__(self, groups: list, scores: dict[int, np.ndarray], weight: Callable[[ir.Node, int], int],
-                 activation: Callable[[str, int], int] | None = None):
+                 activation: Callable[[str, int], int] | None):
         self.activation = activation
         self.groups, self.order = groups, {id(g): np.argsort(scores[id(g)], kind="stable") for g in groups}
         self.shapes: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
@@ -170,57 +155,54 @@ class _Left:
                         self.shapes[key] = (constant(edit.value).shape, weight(edit.node, edit.index))
 
     def __call__(self, kept: dict[int, int]) -> int:
-        cut: dict[tuple[int, int], dict[int, set[int]]] = {}
+        cut: dict[tuple[int, int], dict[int, set[int]]] = {}  # constant -> axis -> removed positions
+        values: dict[tuple[str, int], set[int]] = {}  # (value, axis) -> removed positions
         for group in self.groups:
             gone = np.sort(self.order[id(group)][: group.count - kept[id(group)]])
             for source in group.sources:
                 for edit in source.edits:
                     axes = cut.setdefault((id(edit.node), edit.index), {})
                     axes.setdefault(edit.place.axis, set()).update(edit.place.positions(gone).tolist())
+                if self.activation is not None:
+                    for name, place in source.placements:
+                        values.setdefault((name, place.axis), set()).update(place.positions(gone).tolist())
         total = sum(int(np.prod([n - len(cut.get(key, {}).get(a, ())) for a, n in enumerate(shape)])) * times
                     for key, (shape, times) in self.shapes.items())
-        if self.activation is not None:
-            values: dict[tuple[str, int], set[int]] = {}
-            sizes: dict[tuple[str, int], int] = {}
-            for group in self.groups:
-                gone = np.sort(self.order[id(group)][: group.count - kept[id(group)]])
-                for name, place in {(n, p) for s in group.sources for n, p in s.placements}:
-                    sizes[(name, place.axis)] = self.activation(name, place.axis)
-                    values.setdefault((name, place.axis), set()).update(place.positions(gone).tolist())
-            total -= sum(sizes[key] * len(removed) for key, removed in values.items())
-        return total
+        return total - sum(self.activation(name, axis) * len(removed) for (name, axis), removed in values.items())
 
 
 def _measured_copy(model: ir.Model, consumers: list[Consumer]):
     """The model as a proto whose consumer weights and biases are graph inputs (a zero bias added
-    where a consumer has none): (proto, weight name -> array, bias name -> (array, owning node id))."""
+    where a Conv consumer has none): (proto, weight name -> array, id(consumer node) -> (bias name,
+    array, factor on a delta))."""
     from onnx import helper, numpy_helper
 
     proto = ir.to_proto(model)
     position = {id(node): i for i, node in enumerate(model.graph)}
     weights: dict[str, np.ndarray] = {}
-    biases: dict[str, tuple[np.ndarray, int, float]] = {}  # name -> (values, consumer node id, factor)
-    added: dict[int, str] = {}
+    biases: dict[int, tuple[str, np.ndarray, float]] = {}
     for consumer in consumers:
-        value = consumer.weight.value
+        value, node = consumer.weight.value, consumer.weight.node
         if value.name not in weights and value.is_initializer():
             weights[value.name] = value.const_value.numpy()
-        node = consumer.weight.node
-        outputs = _outputs(node, constant(value))
+        if id(node) in biases:
+            continue
+        array = constant(value)
+        outputs = array.shape[output_channel_axis(node, array.ndim)]
         target = bias_input(None, node, outputs)
         if target is not None:
             owner, index, scale = target
             bias = owner.inputs[index]
-            if bias.is_initializer() and bias.name not in biases:
-                biases[bias.name] = (bias.const_value.numpy(), id(node), scale)
-        elif node.op_type in ("Conv", "ConvTranspose") and id(node) not in added and len(node.inputs) < 3:
+            if bias.is_initializer():
+                biases[id(node)] = (bias.name, bias.const_value.numpy(), scale)
+        elif node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) < 3:
             name = f"__modelpress_measured_bias_{position[id(node)]}"
-            zeros = np.zeros(outputs, constant(value).dtype)
+            zeros = np.zeros(outputs, array.dtype)
             proto.graph.node[position[id(node)]].input.append(name)
             proto.graph.initializer.append(numpy_helper.from_array(zeros, name))
-            biases[name] = (zeros, id(node), 1.0)
-            added[id(node)] = name
-    for name, array in [*weights.items(), *((n, b[0]) for n, b in biases.items())]:
+            biases[id(node)] = (name, zeros, 1.0)
+    inputs = {**weights, **{name: array for name, array, _ in biases.values()}}
+    for name, array in inputs.items():
         proto.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
                                                                list(array.shape)))
     return proto, weights, biases
@@ -237,24 +219,11 @@ def _removal(consumers: list[Consumer], removed: np.ndarray, weights: dict, bias
         index = [slice(None)] * array.ndim
         index[edit.place.axis] = edit.place.positions(removed)
         array[tuple(index)] = 0
-        if captured is None:
+        if captured is None or id(edit.node) not in biases:
             continue
-        bias = next((name for name, b in biases.items() if b[1] == id(edit.node)), None)
-        if bias is None:
-            continue
-        delta = mean_delta(consumer, removed, captured[(consumer.value.name, consumer.place)]) * biases[bias][2]
-        current = overrides.setdefault(bias, biases[bias][0].copy())
+        name, values, scale = biases[id(edit.node)]
+        delta = mean_delta(consumer, removed, captured[(consumer.value.name, consumer.place)]) * scale
+        current = overrides.setdefault(name, values.copy())
         if current.shape[-1] == len(delta):
-            overrides[bias] = (current.astype(np.float64) + delta).astype(current.dtype)
+            overrides[name] = (current.astype(np.float64) + delta).astype(current.dtype)
     return overrides
-
-
-def _outputs(node: ir.Node, weight: np.ndarray) -> int:
-    """Output channels of a consumer layer: what its bias holds."""
-    if node.op_type == "Conv":
-        return weight.shape[0]
-    if node.op_type == "ConvTranspose":
-        return weight.shape[1]
-    if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value:
-        return weight.shape[0]
-    return weight.shape[-1]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from modelpress.compressors.model import output_channel_axis
 from modelpress.compressors.prune.structured_bias import drop_if_unused, unique_name
-from modelpress.compressors.prune.structured_place import attr_value, constant
+from modelpress.compressors.prune.structured_place import constant
 
 
 def slice_constants(model: ir.Model, removals: dict, deltas: dict) -> list[str]:
@@ -52,7 +53,7 @@ def _new_bias_cut(node: ir.Node, index: int, removals: dict) -> dict[int, set[in
     it): the output channels its own weight loses, when the layer is pruned on that side too."""
     if index != 2 or (id(node), 1) not in removals:
         return {}
-    out_axis = 0 if node.op_type == "Conv" or attr_value(node, "transB", 0) else 1  # ConvTranspose: 1
+    out_axis = output_channel_axis(node, constant(node.inputs[1]).ndim)
     removed = removals[(id(node), 1)][2].get(out_axis)
     return {0: set(removed)} if removed else {}
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+from modelpress.compressors.model import output_channel_axis
 from modelpress.compressors.prune.structured_walk import (
     NeedUnit,
     Place,
@@ -158,16 +159,14 @@ def _as_source(node: ir.Node) -> Source | None:
     array = constant(weight)
     if array is None or array.dtype.kind != "f":
         return None
-    if node.op_type == "Conv" and attr_value(node, "group", 1) == 1 and array.ndim >= 3:
-        return Source(node, weight, 0, array.shape[0])
-    if node.op_type == "ConvTranspose" and attr_value(node, "group", 1) == 1 and array.ndim >= 3:
-        return Source(node, weight, 1, array.shape[1])
-    if node.op_type == "Gemm" and array.ndim == 2:
-        axis = 0 if attr_value(node, "transB", 0) else 1
-        return Source(node, weight, axis, array.shape[axis])
-    if node.op_type == "MatMul" and array.ndim == 2 and constant(node.inputs[0]) is None:
-        return Source(node, weight, 1, array.shape[1])
-    return None
+    op = node.op_type
+    layer = (op in ("Conv", "ConvTranspose") and attr_value(node, "group", 1) == 1 and array.ndim >= 3) \
+        or (op == "Gemm" and array.ndim == 2) \
+        or (op == "MatMul" and array.ndim == 2 and constant(node.inputs[0]) is None)
+    if not layer:
+        return None
+    axis = output_channel_axis(node, array.ndim)
+    return Source(node, weight, axis, array.shape[axis])
 
 
 # --------------------------------------------------------------------------- groups
@@ -185,6 +184,7 @@ def find_groups(model: ir.Model) -> tuple[list[ChannelGroup], list[dict[str, str
                 shapes[name] = [k if k is not None else (d if isinstance(d, int) else None)
                                 for k, d in zip(known or [None] * len(dims), dims)]
     found, skipped = find_sources(model, shapes)
+
     def walk(source: Source) -> None:
         Walker(model, shapes, source, symbols, missing).run()
 
